@@ -189,7 +189,7 @@ def read_images(paths: list, size: int, crop: int | None) -> torch.Tensor:
 
     def load(path):
         with Image.open(path) as img:
-            arr = torch.from_numpy(np.asarray(img.convert("RGB"))).permute(2, 0, 1)
+            arr = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
         return resize_square(arr[None], size, crop)[0]
 
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:

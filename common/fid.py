@@ -75,7 +75,7 @@ def full_precision():
 # ---------------------------------------------------------------- in-domain digit classifier
 
 class DigitCNN(nn.Module):
-    """Two conv blocks and a 128-unit feature layer: ≥ 98% on MNIST after one epoch."""
+    """Two conv blocks and a 128-unit feature layer (≥ 98% MNIST test accuracy after 3 epochs)."""
 
     def __init__(self, num_classes: int = 10):
         super().__init__()
@@ -177,7 +177,7 @@ def load_digit_classifier(dataset: str = "mnist", root: str | Path = "data", dev
         return DigitClassifier(net, dataset, saved["test_accuracy"], device)
     train = load_dataset(base, "train", image_size=28, root=root)
     test = load_dataset(base, "test", image_size=28, root=root)
-    net = train_digit_cnn(train.x, train.y, epochs=epochs or (2 if base != "fake" else 5), device=device)
+    net = train_digit_cnn(train.x, train.y, epochs=epochs or (3 if base != "fake" else 5), device=device)
     classifier = DigitClassifier(net, base, 0.0, device)
     accuracy = (classifier.predict(test.x).cpu() == test.y).float().mean().item()
     if base in ("mnist",) and accuracy < 0.98 and len(train) >= 60_000:
