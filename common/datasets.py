@@ -209,6 +209,7 @@ def missing(name: str, expected: list[Path], source: str, extra: str = "") -> Da
 def try_download(fetch, cleanup: list[Path]) -> bool:
     """Run a download; on failure delete whatever it left under the `cleanup` paths that was not there before."""
     before = {p: set(p.rglob("*")) if p.exists() else None for p in cleanup}
+    new_parents = {p.parent for p in cleanup if not p.parent.exists()}
     try:
         fetch()
         return True
@@ -217,10 +218,13 @@ def try_download(fetch, cleanup: list[Path]) -> bool:
             if not p.exists():
                 continue
             if old is None:
-                shutil.rmtree(p, ignore_errors=True)
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
                 continue
             for f in sorted(set(p.rglob("*")) - old, reverse=True):
                 shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink(missing_ok=True)
+        for parent in new_parents:  # the download created the data root itself: remove it if left empty
+            if parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
         return False
 
 

@@ -100,6 +100,17 @@ def test_failed_download_leaves_no_partial_files(tmp_path):
     assert try_download(half_download, [folder]) is False
     assert sorted(p.name for p in (folder / "raw").iterdir()) == ["keep.txt"]
 
+    fresh_root = tmp_path / "fresh"
+
+    def creates_root_then_fails():
+        (fresh_root / "cifar-10-batches-py").mkdir(parents=True)
+        (fresh_root / "cifar-10-python.tar.gz").write_bytes(b"partial")
+        raise OSError("no network")
+
+    assert try_download(creates_root_then_fails, [fresh_root / "cifar-10-batches-py",
+                                                  fresh_root / "cifar-10-python.tar.gz"]) is False
+    assert not fresh_root.exists()
+
 
 def test_ring_modes_means_and_fixed_sets():
     ring = ring_data()
