@@ -47,12 +47,11 @@ def sync(device):
 
 
 def bench_stack(num_seeds: int, args: Args, ring, device) -> dict:
-    gen_net, disc_net, gens = adg.ring_networks(list(range(1, num_seeds + 1)))
-    gen_net, disc_net = gen_net.to(device), disc_net.to(device)
+    gen_net, disc_net, gens = adg.ring_networks(list(range(1, num_seeds + 1)), device=device)
     opt_g = adg.adam(gen_net.parameters(), 1e-4, (0.9, 0.999), device)
     opt_d = adg.adam(disc_net.parameters(), 1e-4, (0.9, 0.999), device)
     train, noise = ring.train.to(device), ring.train_noise.to(device)
-    perms = torch.stack([torch.randperm(len(train), generator=g) for g in gens]).to(device)
+    perms = torch.stack([torch.randperm(len(train), generator=g, device=device) for g in gens])
     alive = torch.ones(num_seeds, dtype=torch.bool, device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
