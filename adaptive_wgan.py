@@ -38,8 +38,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import tyro
-from torch.utils.tensorboard import SummaryWriter
-from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from common.datasets import DATASET_NAMES, Batches, load_dataset, to_float
@@ -486,6 +484,7 @@ def train_run(args: Args, strategy: str, lam: float, images: torch.Tensor, fid: 
         state = ckpt["state"]
         torch.set_rng_state(ckpt["torch_rng"])
         print(f"resumed {run_dir} at iteration {state['iteration']}")
+    from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(str(run_dir), purge_step=state["iteration"] or None)
     if state["iteration"] == 0:
         hparams = {**asdict(args), "strategy": strategy, "lam": lam, "lr_g": lr_g, "lr_d": lr_d, "n_d": n_d, "n_g": n_g,
@@ -509,6 +508,7 @@ def train_run(args: Args, strategy: str, lam: float, images: torch.Tensor, fid: 
             writer.add_scalar("eval/fid_vs_epoch", record["fid"], epoch)
         state["history"].append(record)
         if epoch % args.sample_every == 0 or last:
+            from torchvision.utils import make_grid, save_image  # imported here: torchvision takes seconds to load
             G.eval()
             with torch.no_grad():
                 grid = make_grid(G(fixed_noise).cpu(), nrow=8, normalize=True, value_range=(-1, 1))
@@ -666,6 +666,7 @@ def dirac_experiment(args: Args, run_dir: Path) -> list[dict]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     wanted = args.strategies or ["fixed", "adaptive"]
+    from torch.utils.tensorboard import SummaryWriter
     configs = ([("fixed", None)] if "fixed" in wanted else []) + \
         ([("adaptive", lam) for lam in (args.lams or [args.lam])] if "adaptive" in wanted else [])
     writer = SummaryWriter(str(run_dir))
