@@ -290,9 +290,10 @@ def face_models(root: str, weights: str | None, device, identity_images: int | N
     facenet-pytorch) and the nearest CelebA identity centre in a face-embedding space for D."""
     try:
         from facenet_pytorch import MTCNN, InceptionResnetV1
-    except ImportError:
-        raise SystemExit("error: face quality/identity models need facenet-pytorch: `pip install --no-deps "
-                         "facenet-pytorch` (--no-deps: it pins an old torch; only MTCNN and InceptionResnetV1 are used)")
+    except ImportError as e:
+        raise SystemExit(f"error: face quality/identity models need facenet-pytorch ({e}): `pip install --no-deps "
+                         "facenet-pytorch requests` (--no-deps: it pins an old torch; only MTCNN and "
+                         "InceptionResnetV1 are used)") from None
     if weights is None or not Path(weights).is_file():
         raise SystemExit(f"error: the face-identity embedding needs weights (--face-embedding-weights, got {weights}). "
                          "Download https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/"
@@ -315,7 +316,7 @@ def face_models(root: str, weights: str | None, device, identity_images: int | N
     else:  # eq. (7): mean embedding of each identity's training images
         data = load_dataset("celeba", "train", image_size=64, root=root, num_samples=identity_images)
         features = torch.cat([embedding(to_float(data.x[i:i + 1024])).cpu() for i in range(0, len(data), 1024)])
-        ids = data.y - data.y.min()
+        _, ids = torch.unique(data.y, return_inverse=True)  # identities present (a subset may skip some)
         sums = torch.zeros(int(ids.max()) + 1, features.shape[1]).index_add_(0, ids, features)
         centres = sums / torch.bincount(ids).clamp(min=1)[:, None].float()
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -522,6 +523,33 @@ def build_models(args: Args, channels: int, device) -> tuple[nn.Module, nn.Modul
     return G.to(device), D.to(device)
 
 
+def train_iteration(G: nn.Module, D: nn.Module, g_opt, d_opt, x: torch.Tensor, loss: str, reg: str, args: Args,
+                    update_g: bool = True) -> dict[str, torch.Tensor]:
+    """One D step on L_D + λ·penalty (eq. 10) and, if `update_g`, one G step on L_G (Table 1). No host sync."""
+    z = torch.randn(len(x), args.z_dim, device=x.device)
+    fake = G(z)
+    d_loss = discriminator_loss(loss, D(x), D(fake.detach()))
+    penalty = grad_norm = torch.zeros((), device=x.device)
+    if reg != "none":
+        penalty, norms = gradient_penalty(reg, D, penalty_points(reg, x, fake.detach(), args.dragan_c))
+        grad_norm = norms.mean()
+    d_opt.zero_grad(set_to_none=True)
+    (d_loss + args.lam * penalty).backward()
+    d_opt.step()
+    if args.weight_clip is not None:
+        with torch.no_grad():
+            for p in D.parameters():
+                p.clamp_(-args.weight_clip, args.weight_clip)
+    out = {"d_loss": d_loss.detach(), "penalty": penalty.detach(), "grad_norm": grad_norm}
+    if update_g:
+        g_loss = generator_loss(loss, D(fake))
+        g_opt.zero_grad(set_to_none=True)
+        g_loss.backward()
+        g_opt.step()
+        out["g_loss"] = g_loss.detach()
+    return out
+
+
 def train_pair(args: Args, loss: str, reg: str, real: torch.Tensor, monitor_models: tuple, pair_dir: Path,
                device) -> dict:
     """Train one (loss, regulariser) GAN, monitoring S, Q, D every epoch. Returns its history and summary."""
@@ -577,26 +605,10 @@ def train_pair(args: Args, loss: str, reg: str, real: torch.Tensor, monitor_mode
         t0, epoch_sums, n_logs = time.time(), {k: torch.zeros((), device=device) for k in sums}, 0
         for step in range(batches.steps_per_epoch):
             (x,) = batches.next()
-            z = torch.randn(len(x), args.z_dim, device=device)
-            fake = G(z)
-            d_loss = discriminator_loss(loss, D(x), D(fake.detach()))
-            penalty = grad_norm = torch.zeros((), device=device)
             if step == 0:
                 g_loss = torch.zeros((), device=device)
-            if reg != "none":
-                penalty, norms = gradient_penalty(reg, D, penalty_points(reg, x, fake.detach(), args.dragan_c))
-                grad_norm = norms.mean()
-            d_opt.zero_grad(set_to_none=True)
-            (d_loss + args.lam * penalty).backward()  # eq. (10)
-            d_opt.step()
-            if args.weight_clip is not None:
-                for p in D.parameters():
-                    p.data.clamp_(-args.weight_clip, args.weight_clip)
-            if (step + 1) % args.n_critic == 0:
-                g_loss = generator_loss(loss, D(fake))
-                g_opt.zero_grad(set_to_none=True)
-                g_loss.backward()
-                g_opt.step()
+            out = train_iteration(G, D, g_opt, d_opt, x, loss, reg, args, update_g=(step + 1) % args.n_critic == 0)
+            d_loss, penalty, grad_norm, g_loss = out["d_loss"], out["penalty"], out["grad_norm"], out.get("g_loss", g_loss)
             iteration += 1
             for k, v in (("d_loss", d_loss), ("g_loss", g_loss), ("penalty", penalty), ("grad_norm", grad_norm)):
                 epoch_sums[k] += v.detach()

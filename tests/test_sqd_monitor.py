@@ -315,3 +315,24 @@ def test_bad_input_fails_with_message():
         sqd.Args(dataset="fake", num_train=10)
     with pytest.raises(SystemExit, match="facenet-pytorch|face-embedding-weights"):
         sqd.face_models("data", None, "cpu", None)
+
+
+def test_face_models_end_to_end_when_facenet_is_installed(tmp_path):
+    """The CelebA path on a tiny fake celeba folder and randomly initialised embedding weights (only the plumbing:
+    real weights cannot be fetched here). Skipped where facenet-pytorch is not installed (an optional dependency)."""
+    facenet = pytest.importorskip("facenet_pytorch")
+    import numpy as np
+    from PIL import Image
+    folder = tmp_path / "celeba" / "img_align_celeba"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(1, 7):
+        Image.fromarray(rng.integers(0, 255, (218, 178, 3), dtype=np.uint8)).save(folder / f"{i:06d}.jpg")
+    (tmp_path / "celeba" / "identity_CelebA.txt").write_text("".join(f"{i:06d}.jpg {10 * (1 + i % 3)}\n" for i in range(1, 7)))
+    torch.manual_seed(0)
+    torch.save(facenet.InceptionResnetV1(pretrained=None).state_dict(), tmp_path / "w.pt")
+    quality, modes, num_modes, name = sqd.face_models(str(tmp_path), str(tmp_path / "w.pt"), "cpu", None)
+    x = torch.rand(3, 3, 64, 64) * 2 - 1
+    q, m = quality(x), modes(x)
+    assert num_modes == 3 and "MTCNN" in name
+    assert q.shape == (3,) and ((q >= 0) & (q <= 1)).all() and m.shape == (3,) and (m < 3).all()
