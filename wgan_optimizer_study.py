@@ -15,8 +15,8 @@ losses turn non-finite is frozen and reported as N/A; the others go on.
     python wgan_optimizer_study.py                                   # Table I: 3 optimisers × 7 lrs, 300 epochs
     python wgan_optimizer_study.py --optimizer adam --lr 1e-4        # one cell
     python wgan_optimizer_study.py --penalty per-pixel               # the authors' code's penalty (λ = 1, per pixel)
-    OMP_NUM_THREADS=1 python wgan_optimizer_study.py --lrs 1e-3 1e-4 1e-5 --num-train 6400 --epochs 4 \
-        --fid-every 1 --fid-extractor digits                         # CPU quick run, in-domain FID
+    OMP_NUM_THREADS=1 python wgan_optimizer_study.py --lrs 1e-3 1e-4 1e-5 --num-train 3200 --epochs 6 \
+        --fid-every 1 --fid-extractor digits --threads 1             # CPU quick run (docs), in-domain FID
 """
 from __future__ import annotations
 
