@@ -42,7 +42,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
-from torchvision.utils import save_image
 from tqdm import tqdm
 
 from common.datasets import Batches, load_dataset, ring_data, to_float
@@ -477,6 +476,7 @@ def save_samples(samples: torch.Tensor, path: Path, centres: torch.Tensor | None
     """An image grid, or for the ring a scatter plot of the points over the 8 centres."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if samples.dim() == 4:
+        from torchvision.utils import save_image  # imported here: torchvision's import costs seconds at start-up
         save_image(samples.cpu(), path, nrow=int(math.sqrt(len(samples))), normalize=True, value_range=(-1, 1))
         return
     import matplotlib
@@ -542,10 +542,12 @@ def train_iteration(G: nn.Module, D: nn.Module, g_opt, d_opt, x: torch.Tensor, l
                 p.clamp_(-args.weight_clip, args.weight_clip)
     out = {"d_loss": d_loss.detach(), "penalty": penalty.detach(), "grad_norm": grad_norm}
     if update_g:
+        D.requires_grad_(False)  # G's step needs no gradients for D's weights
         g_loss = generator_loss(loss, D(fake))
         g_opt.zero_grad(set_to_none=True)
         g_loss.backward()
         g_opt.step()
+        D.requires_grad_(True)
         out["g_loss"] = g_loss.detach()
     return out
 
