@@ -557,8 +557,9 @@ def train_pair(args: Args, loss: str, reg: str, real: torch.Tensor, monitor_mode
     """Train one (loss, regulariser) GAN, monitoring S, Q, D every epoch. Returns its history and summary."""
     quality_model, mode_model, num_modes, centres = monitor_models
     G, D = build_models(args, real.shape[1] if real.dim() == 4 else 2, device)
-    g_opt = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), fused=device.type == "cuda" or None)
-    d_opt = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), fused=device.type == "cuda" or None)
+    fused = device.type == "cuda" or None  # one kernel per update on GPU
+    g_opt = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), fused=fused)
+    d_opt = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), fused=fused)
     batches = Batches(real, batch_size=args.batch_size, generator=torch.Generator(device).manual_seed(args.seed))
     monitor = SQDMonitor(quality_model, mode_model, num_modes, args.num_quality, args.num_diversity)
     iter_monitor = SQDMonitor(quality_model, mode_model, num_modes, args.num_quality, args.num_diversity)
@@ -577,7 +578,8 @@ def train_pair(args: Args, loss: str, reg: str, real: torch.Tensor, monitor_mode
         torch.set_rng_state(ckpt["rng"])
         if device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["cuda_rng"])
-        history, iteration_rows, start_epoch, iteration = ckpt["history"], ckpt["iteration_rows"], ckpt["epoch"], ckpt["iteration"]
+        history, iteration_rows = ckpt["history"], ckpt["iteration_rows"]
+        start_epoch, iteration = ckpt["epoch"], ckpt["iteration"]
     writer = SummaryWriter(str(pair_dir))
     if start_epoch == 0:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
@@ -601,23 +603,21 @@ def train_pair(args: Args, loss: str, reg: str, real: torch.Tensor, monitor_mode
 
     if start_epoch == 0 and not history:
         record(0, {})
-    sums = {"d_loss": 0.0, "g_loss": 0.0, "penalty": 0.0, "grad_norm": 0.0}
+    keys = ("d_loss", "g_loss", "penalty", "grad_norm")
+    g_loss = torch.zeros((), device=device)
     progress = tqdm(range(start_epoch, args.epochs), desc=f"{loss}-{reg}", leave=False)
     for epoch in progress:
-        t0, epoch_sums, n_logs = time.time(), {k: torch.zeros((), device=device) for k in sums}, 0
+        t0, epoch_sums, n_logs = time.time(), {k: torch.zeros((), device=device) for k in keys}, 0
         for step in range(batches.steps_per_epoch):
             (x,) = batches.next()
-            if step == 0:
-                g_loss = torch.zeros((), device=device)
             out = train_iteration(G, D, g_opt, d_opt, x, loss, reg, args, update_g=(step + 1) % args.n_critic == 0)
-            d_loss, penalty, grad_norm, g_loss = out["d_loss"], out["penalty"], out["grad_norm"], out.get("g_loss", g_loss)
+            g_loss = out["g_loss"] = out.get("g_loss", g_loss)  # the last G loss when G skipped this step
             iteration += 1
-            for k, v in (("d_loss", d_loss), ("g_loss", g_loss), ("penalty", penalty), ("grad_norm", grad_norm)):
-                epoch_sums[k] += v.detach()
+            for k in keys:
+                epoch_sums[k] += out[k]
             n_logs += 1
             if iteration % args.log_every == 0:  # the only host syncs of the loop
-                values = {k: float(v) for k, v in (("d_loss", d_loss), ("g_loss", g_loss), ("penalty", penalty),
-                                                   ("grad_norm", grad_norm))}
+                values = {k: float(out[k]) for k in keys}
                 for k, v in values.items():
                     writer.add_scalar(f"losses/{k}", v, iteration)
                 if not all(map(math.isfinite, values.values())):
