@@ -71,14 +71,14 @@ class Args:
     save_model: bool = False
     """save a checkpoint per pair at every epoch end (G, D, optimisers, data order, RNG, monitor, history)"""
     resume: str | None = None
-    """a run folder written with --save-model: finished pairs are kept, unfinished ones continue from their checkpoint"""
+    """run folder written with --save-model: finished pairs are kept, unfinished ones continue from their checkpoint"""
     # data
     dataset: Literal["mnist", "stacked-mnist", "celeba", "ring", "fake"] = "mnist"
     """training data; it also picks the quality and mode models (digit classifier / ring centres / MTCNN + faces)"""
     data_root: str = "data"
     """root of the datasets (and of the cached digit classifier and face-identity centres)"""
     image_size: int | None = None
-    """image side (None: 64, the DCGAN setting; 28 or 32 make CPU runs feasible for digits). Must be b·2^k, 3 ≤ b ≤ 7"""
+    """image side (None: 64, DCGAN; 28 or 32 make CPU runs feasible for digits); must be b·2^k with 3 ≤ b ≤ 7"""
     num_train: int | None = None
     """keep only the first n training samples (an epoch is one pass over them)"""
     # method
@@ -284,7 +284,8 @@ def ring_quality(points: torch.Tensor, centres: torch.Tensor, std: float, k: flo
     return (torch.cdist(points.float(), centres.to(points.device)).min(1).values <= k * std).float()
 
 
-def face_models(root: str, weights: str | None, device, identity_images: int | None) -> tuple[Callable, Callable, int, str]:
+def face_models(root: str, weights: str | None, device,
+                identity_images: int | None) -> tuple[Callable, Callable, int, str]:
     """The paper's models for faces: MTCNN face probability for Q (top box, 0 when no face; the weights ship inside
     facenet-pytorch) and the nearest CelebA identity centre in a face-embedding space for D."""
     try:
@@ -345,7 +346,8 @@ def base_size(size: int) -> int:
 
 
 class Generator(nn.Module):
-    """DCGAN generator: z → b×b×(w·2^(k−1)) → … → size×size×channels (stride-2 transposed convs, BN, ReLU, tanh)."""
+    """DCGAN generator: z → b×b×(w·2^(k−1)) → … → size×size×channels (stride-2 transposed convs, BN, ReLU,
+    tanh)."""
 
     def __init__(self, z_dim: int, width: int, channels: int, size: int):
         super().__init__()
@@ -438,7 +440,8 @@ def penalty_points(regularizer: str, real: torch.Tensor, fake: torch.Tensor, dra
     return alpha * real + (1 - alpha) * fake
 
 
-def gradient_penalty(regularizer: str, discriminator: nn.Module, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gradient_penalty(regularizer: str, discriminator: nn.Module,
+                     points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Table 3 without λ, gradients w.r.t. D's *input* x̂: GP and DRAGAN (‖∇D‖ − 1)², 0-GP ‖∇D‖²,
     Lipschitz max(0, ‖∇D‖ − 1)². Returns (mean penalty, gradient norms) with a graph for D's parameters."""
     points = points.detach().requires_grad_(True)
@@ -458,7 +461,7 @@ def gradient_penalty(regularizer: str, discriminator: nn.Module, points: torch.T
 # ---------------------------------------------------------------- training one (loss, regulariser) pair
 
 def table_window(num_epochs: int, window: int) -> int:
-    """Epochs averaged for Table 2: `window` (50) when the run is at least 6× as long (50 of 300), else its last sixth."""
+    """Epochs averaged for Table 2: `window` (50) when the run is ≥ 6× as long (50 of 300), else its last sixth."""
     return window if num_epochs >= 6 * window else max(1, round(num_epochs / 6))
 
 
@@ -695,7 +698,8 @@ def write_table2(out_dir: Path, results: list[dict], regs: tuple[str, ...], mode
     """Table 2: one row per loss, mean Q and D per regulariser, the turning-point epoch; CSV + Markdown."""
     by_pair = {(r["loss"], r["regularizer"]): r for r in results}
     losses = list(dict.fromkeys(r["loss"] for r in results))
-    fmt = lambda v, p: "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{p}f}"  # noqa: E731
+    def fmt(v, digits):
+        return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
     header = ([f"Q {g}" for g in regs] + [f"D {g}" for g in regs] + [f"turning point {g}" for g in regs])
     rows = []
     missing = {"Q_mean": None, "D_mean": None, "turning_point_epoch": None, "status": "not run"}
@@ -715,7 +719,7 @@ def write_table2(out_dir: Path, results: list[dict], regs: tuple[str, ...], mode
 
 
 def plot_curves(out_dir: Path, results: list[dict]) -> None:
-    """Figs. 3–5: S_G and S_D, Q, D per epoch, one column per loss, one line per regulariser; turning points dashed."""
+    """Figs. 3–5: S_G and S_D, Q, D per epoch; a column per loss, a line per regulariser; turning points dashed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -336,3 +336,13 @@ def test_face_models_end_to_end_when_facenet_is_installed(tmp_path):
     q, m = quality(x), modes(x)
     assert num_modes == 3 and "MTCNN" in name
     assert q.shape == (3,) and ((q >= 0) & (q <= 1)).all() and m.shape == (3,) and (m < 3).all()
+
+
+def test_non_finite_loss_stops_the_pair_cleanly(tmp_path):
+    args = sqd.Args(dataset="ring", num_train=256, batch_size=64, width=16, z_dim=2, epochs=3, lr=1e30, log_every=1,
+                    num_quality=50, num_diversity=50, sample_every=10, output_dir=str(tmp_path))
+    device = torch.device("cpu")
+    real, models, _ = sqd.prepare_data_and_models(args, device)
+    result = sqd.train_pair(args, "wgan", "none", real, models, tmp_path / "wgan-none", device)
+    assert result["status"].startswith("diverged: non-finite loss at iteration")
+    assert result["epochs"] < 3 and (tmp_path / "wgan-none" / "sqd.csv").exists()
