@@ -556,8 +556,9 @@ def train_run(args: Args, strategy: str, lam: float, images: torch.Tensor, fid: 
                 writer.add_scalar("losses/critic", values[1], step)
                 writer.add_scalar("losses/gradient_penalty", values[2], step)
                 writer.add_scalar("losses/wasserstein_estimate", args.gp_weight * values[2] - values[1], step)
-                writer.add_scalar("charts/r_g", rule.r_g, step)
-                writer.add_scalar("charts/r_d", rule.r_d, step)
+                if strategy == "adaptive":
+                    writer.add_scalar("charts/r_g", rule.r_g, step)
+                    writer.add_scalar("charts/r_d", rule.r_d, step)
                 writer.add_scalar("charts/critic_step_fraction", window_d / args.log_every, step)
                 writer.add_scalar("charts/critic_stepped", float(critic), step)
                 writer.add_scalar("charts/u_d", state["u_d"], step)
