@@ -1,8 +1,9 @@
 """(α_D, α_G)-GANs: dual objectives built from α-loss, tuned to stabilise GAN training.
 
-Paper: K. Otstot, "Towards Addressing GAN Training Instabilities: Dual-Objective GANs with Tunable
-Parameters" (M.S. thesis, Arizona State University, 2023; with J. K. Cava, T. Sypherd, L. Sankar,
-"Addressing GAN Training Instabilities via Tunable Classification Losses", arXiv:2310.18291).
+Paper: M. Welfert, K. Otstot, G. R. Kurri, L. Sankar, "(α_D, α_G)-GANs: Addressing GAN Training
+Instabilities via Dual Objectives", ISIT 2023, https://arxiv.org/abs/2302.14320; the experiments follow
+K. Otstot, "Towards Addressing GAN Training Instabilities: Dual-Objective GANs with Tunable Parameters"
+(M.S. thesis defence, Arizona State University, 2023), incl. the CelebA / LSUN DCGAN runs.
 
 α-loss ℓ_α(y, ŷ) = α/(α−1)·(1 − y·ŷ^{(α−1)/α} − (1−y)(1−ŷ)^{(α−1)/α}) interpolates between the
 exponential-like loss (α → 0), log-loss (α = 1) and the soft 0-1 loss (α = ∞). The (α_D, α_G)-GAN
