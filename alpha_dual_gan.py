@@ -288,9 +288,11 @@ def ring_train_step(gen_net, disc_net, opt_g, opt_d, real, noise, alive, alpha_d
     opt_d.zero_grad(set_to_none=True)
     torch.where(alive, d_loss, 0.0).sum().backward()
     opt_d.step()
+    disc_net.requires_grad_(False)  # the G step needs gradients through D, not for D's weights
     g_loss = generator_loss(disc_net(fake).squeeze(-1), alpha_g, non_saturating, lsgan, clamp_probs)
     opt_g.zero_grad(set_to_none=True)
     torch.where(alive, g_loss, 0.0).sum().backward()
+    disc_net.requires_grad_(True)
     opt_g.step()
     d_loss, g_loss = d_loss.detach(), g_loss.detach()
     return d_loss, g_loss, alive & torch.isfinite(d_loss) & torch.isfinite(g_loss)
