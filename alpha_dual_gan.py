@@ -14,7 +14,7 @@ vanishing gradients), α_G > 1 shrinks them near the data (against exploding gra
 main evidence is the share of 200 seeds that cover all 8 modes of a 2-D Gaussian ring (success) or
 none (failure); (1, 1) is the vanilla GAN.
 
-    # default: 2-D ring, vanilla (1,1) vs (0.5,1), 8 stacked seeds each, 5 epochs (one CPU core: ~15 min)
+    # default: 2-D ring, vanilla (1,1) vs (0.5,1), 8 stacked seeds each, 5 epochs (one CPU core: ~15–20 min)
     python alpha_dual_gan.py
     # the paper's saturating grid, full protocol (200 seeds × 400 epochs per cell; for a GPU)
     python alpha_dual_gan.py --alpha-ds 0.5 0.6 0.7 0.8 0.9 1.0 --alpha-gs 0.9 1.0 1.1 1.2 --num-seeds 200 --epochs 400
