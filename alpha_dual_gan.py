@@ -66,7 +66,11 @@ class Args:
     cuda: bool = True
     """use CUDA when available"""
     save_model: bool = False
-    """save the stacked (ring) or per-seed (image) G and D weights and optimiser states"""
+    """save the stacked (ring) or per-seed (image) G and D weights and optimiser states (ring: at every
+    evaluation and at the end, enough for --resume)"""
+    resume: bool = False
+    """ring: continue the run named by --output-dir/--run-name from its checkpoints (cells already finished are
+    reused, an unfinished cell continues from its last saved epoch); raise --epochs to train further"""
     output_dir: str = "runs"
     """folder that receives runs/<run_name>/"""
     run_name: str | None = None
@@ -160,6 +164,9 @@ class Args:
         for name, value in (("beta1", self.beta1), ("beta2", self.beta2)):
             if value is not None and not 0 <= value < 1:
                 raise SystemExit(f"error: --{name} must be in [0, 1), got {value}")
+        if self.resume and (self.dataset != "ring" or self.run_name is None):
+            raise SystemExit("error: --resume continues a ring run: give its --run-name (and --output-dir); "
+                             "the image path has no resume")
         if self.eval_every < 0 or self.fid_every < 0:
             raise SystemExit("error: --eval-every and --fid-every must be >= 0 (0 = at the end only)")
         if self.image_size is not None and dcgan_base(self.image_size) is None:
@@ -356,8 +363,34 @@ def train_ring_cell(args: Args, alpha_d: float, alpha_g: float, lsgan: bool, rin
     total = steps_per_epoch * args.epochs if args.max_steps is None else min(args.max_steps, steps_per_epoch * args.epochs)
     alive = torch.ones(len(seeds), dtype=torch.bool, device=device)
     died_at = torch.full((len(seeds),), -1, dtype=torch.long, device=device)
-    history, step, start = [], 0, time.time()
-    bar = tqdm(total=total, desc=f"cell {name}", disable=not progress, dynamic_ncols=True, mininterval=5)
+    history, step, first_epoch = [], 0, 0
+    checkpoint_path = None if out_dir is None else out_dir / f"checkpoint_{name}.pt"
+    if args.resume and checkpoint_path is not None and checkpoint_path.exists():
+        saved = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        if saved["seeds"] != seeds or saved["step"] != saved["epoch"] * steps_per_epoch:
+            raise SystemExit(f"error: {checkpoint_path} holds seeds {saved['seeds']} at step {saved['step']}; "
+                             "resume with the same --seed/--num-seeds from a checkpoint at an epoch boundary")
+        gen_net.load_state_dict(saved["generator"])
+        disc_net.load_state_dict(saved["discriminator"])
+        opt_g.load_state_dict(saved["opt_g"])
+        opt_d.load_state_dict(saved["opt_d"])
+        for g, state in zip(gens, saved["shuffle_states"]):
+            g.set_state(state.cpu())
+        alive, died_at = saved["alive"].to(device), saved["died_at"].to(device)
+        history, step, first_epoch = saved["history"], saved["step"], saved["epoch"]
+        print(f"cell {name}: resumed from {checkpoint_path} at epoch {first_epoch}")
+
+    def save_checkpoint(epoch_done: int):
+        if args.save_model and checkpoint_path is not None:
+            tmp = checkpoint_path.with_suffix(".tmp")  # write then rename: Ctrl-C never leaves a broken file
+            torch.save({"generator": gen_net.state_dict(), "discriminator": disc_net.state_dict(),
+                        "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "alive": alive.cpu(),
+                        "died_at": died_at.cpu(), "shuffle_states": [g.get_state() for g in gens], "seeds": seeds,
+                        "step": step, "epoch": epoch_done, "history": history, "args": asdict(args)}, tmp)
+            os.replace(tmp, checkpoint_path)
+
+    start, start_step = time.time(), step
+    bar = tqdm(total=total, initial=step, desc=f"cell {name}", disable=not progress, dynamic_ncols=True, mininterval=5)
 
     def evaluate(epoch_done: float) -> dict:
         metrics = ring_metrics(stacked_generate(gen_net, ring.test_noise.to(device)), ring.centers.to(device),
@@ -379,7 +412,7 @@ def train_ring_cell(args: Args, alpha_d: float, alpha_g: float, lsgan: bool, rin
 
     metrics = None
     try:
-        for epoch in range(args.epochs):
+        for epoch in range(first_epoch, args.epochs):
             # one permutation per seed per epoch from that seed's own generator (data and noise share it)
             perms = torch.stack([torch.randperm(len(train), generator=g, device=device) for g in gens])
             for k in range(steps_per_epoch):
@@ -399,12 +432,14 @@ def train_ring_cell(args: Args, alpha_d: float, alpha_g: float, lsgan: bool, rin
                     writer.add_scalar(f"losses/{name}/d_loss", (torch.where(alive, d_loss, 0).sum() / denom).item(), step)
                     writer.add_scalar(f"losses/{name}/g_loss", (torch.where(alive, g_loss, 0).sum() / denom).item(), step)
                     writer.add_scalar(f"charts/{name}/alive_seeds", n_alive, step)
-                    writer.add_scalar(f"charts/{name}/seed_steps_per_s", len(seeds) * step / (time.time() - start), step)
+                    writer.add_scalar(f"charts/{name}/seed_steps_per_s",
+                                      len(seeds) * (step - start_step) / (time.time() - start), step)
                     bar.set_postfix(alive=n_alive)
             if step >= total:
                 break
             if args.eval_every and (epoch + 1) % args.eval_every == 0 and (epoch + 1) < args.epochs:
                 evaluate(epoch + 1)
+                save_checkpoint(epoch + 1)
     finally:
         bar.close()
     elapsed = time.time() - start
@@ -420,13 +455,10 @@ def train_ring_cell(args: Args, alpha_d: float, alpha_g: float, lsgan: bool, rin
     if out_dir is not None:
         draw_ring_scatter(ring, stacked_generate(gen_net, ring.test_noise[:2000].to(device)).cpu(), per_seed,
                           args.scatter_seeds, out_dir / f"scatter_{name}.png", writer, f"samples/{name}")
-        if args.save_model:
-            torch.save({"generator": gen_net.state_dict(), "discriminator": disc_net.state_dict(),
-                        "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "alive": alive.cpu(),
-                        "seeds": seeds, "step": step, "args": asdict(args)}, out_dir / f"checkpoint_{name}.pt")
+        save_checkpoint(step // steps_per_epoch)
     return {"name": name, "alpha_d": alpha_d, "alpha_g": alpha_g, "lsgan": lsgan, "per_seed": per_seed,
             "history": history, "steps": step, "epochs_done": step / steps_per_epoch, "seconds": elapsed,
-            "seed_epochs_per_s": len(seeds) * step / steps_per_epoch / elapsed}
+            "seed_epochs_per_s": len(seeds) * (step - start_step) / steps_per_epoch / max(elapsed, 1e-9)}
 
 
 def summarise_cell(cell: dict) -> dict:
@@ -655,6 +687,8 @@ if __name__ == "__main__":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     run_name = args.run_name or f"{args.dataset}__{args.exp_name}__{args.seed}__{int(time.time())}"
     out_dir = Path(args.output_dir) / run_name
+    if args.resume and not list(out_dir.glob("checkpoint_*.pt")):
+        raise SystemExit(f"error: --resume found no checkpoint_*.pt in {out_dir}: the run must have used --save-model")
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = SummaryWriter(str(out_dir))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))

@@ -269,6 +269,24 @@ def test_ring_grid_smoke(run_script, tmp_path):
     assert list(out.glob("events.out.tfevents.*"))
 
 
+def test_resume_continues_the_run(run_script, tmp_path):
+    """2 epochs in one go == 1 epoch, then --resume to 2 epochs (same seeds, same shuffles, same numbers)."""
+    common = ["--alpha-ds", "0.5", "--num-seeds", "2", "--ring-width-g", "8", "--ring-width-d", "4", "--batch-size",
+              "5000", "--eval-every", "1", "--save-model", "--scatter-seeds", "1", "--output-dir", str(tmp_path)]
+    run_script("alpha_dual_gan.py", *common, "--epochs", "2", "--run-name", "straight", cwd=tmp_path, timeout=300)
+    run_script("alpha_dual_gan.py", *common, "--epochs", "1", "--run-name", "split", cwd=tmp_path, timeout=300)
+    proc = run_script("alpha_dual_gan.py", *common, "--epochs", "2", "--run-name", "split", "--resume", cwd=tmp_path,
+                      timeout=300)
+    assert "resumed" in proc.stdout
+    straight = torch.load(tmp_path / "straight" / "checkpoint_(0.5,1).pt", weights_only=False)
+    split = torch.load(tmp_path / "split" / "checkpoint_(0.5,1).pt", weights_only=False)
+    assert straight["step"] == split["step"] == 2 * 10
+    for key in ("generator", "discriminator"):
+        for name, value in straight[key].items():
+            torch.testing.assert_close(split[key][name], value, rtol=0, atol=0)
+    assert (tmp_path / "straight" / "per_seed.csv").read_text() == (tmp_path / "split" / "per_seed.csv").read_text()
+
+
 def test_image_path_smoke_on_fake_data(run_script, tmp_path):
     run_script("alpha_dual_gan.py", "--dataset", "fake", "--non-saturating", "--alpha-ds", "0.6", "--lsgan",
                "--num-seeds", "2", "--max-steps", "3", "--batch-size", "16", "--nz", "8", "--ngf", "4", "--ndf", "4",
