@@ -729,10 +729,10 @@ if __name__ == "__main__":
     else:
         run_name = args.run_name or f"{args.dataset}__{args.exp_name}__{args.seed}__{int(time.time())}"
         run_dir = Path(args.output_dir) / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
 
     if args.dataset == "dirac":
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
         for r in dirac_experiment(args, run_dir):
             print(f"{r['label']:>16}: final (θ, ψ) = ({r['final_theta']:.4f}, {r['final_psi']:.4f}), distance to (1, 0) "
                   f"{r['final_distance']:.4f} (second half: {r['min_distance_second_half']:.4f}–"
@@ -754,6 +754,8 @@ if __name__ == "__main__":
         fid = FID(data.x, extractor=args.fid_extractor, num_samples=n_fid, root=args.data_root,
                   inception_weights=args.inception_weights, device=device, dataset=args.dataset)
         print(f"evaluating with {fid.name} every {args.fid_every} epoch(s)")
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a missing dataset or FID weights leaves no empty run folder
+    (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
 
     configs = []
     for strategy in (args.strategies or [args.strategy]):
