@@ -1,6 +1,6 @@
 """Adaptive WGAN: choose the generator or the critic step by comparing loss change ratios.
 
-Paper: X. Ouyang, G. Agam, "Accelerated WGAN update strategy with loss change rate balancing", WACV 2021,
+Paper: X. Ouyang, G. Agam, "Accelerated WGAN update strategy with loss change rate balancing", arXiv 2020,
 https://arxiv.org/abs/2008.12463
 
 Instead of a fixed n_d critic steps per generator step, every loop iteration takes one real batch and steps
