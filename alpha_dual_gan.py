@@ -26,7 +26,6 @@ none (failure); (1, 1) is the vanilla GAN.
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 import math
 import os
@@ -45,7 +44,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from common.datasets import Batches, load_dataset, ring_data, to_float, to_uint8
+from common.datasets import Batches, load_dataset, ring_data, to_float
 from common.fid import FID, load_digit_classifier
 
 PROB_CLAMP = 1e-7  # the authors' code clamps D's probabilities to [1e-7, 1 − 1e-7] (--clamp-probs)
