@@ -386,8 +386,12 @@ def fake_images(split: str, size: int, channels: int) -> tuple[torch.Tensor, tor
 
 
 def load_dataset(name: str, split: str = "train", image_size: int | None = None, root: str | Path = "data",
-                 download: bool = True, num_samples: int | None = None, channels: int | None = None) -> Data:
-    """Load a dataset by name as tensors (see the module docstring). `channels` applies to "fake" only."""
+                 download: bool | None = None, num_samples: int | None = None, channels: int | None = None) -> Data:
+    """Load a dataset by name as tensors (see the module docstring). `channels` applies to "fake" only.
+    `download=None` tries torchvision's downloader for missing files unless the environment variable
+    GAN_DATA_OFFLINE=1 is set (then a missing set fails at once with the message, no network attempted)."""
+    if download is None:
+        download = os.environ.get("GAN_DATA_OFFLINE", "0") != "1"
     is_folder = name.startswith("folder:")
     if name not in DATASET_NAMES and not is_folder:
         raise DatasetError(f"unknown dataset '{name}'. Valid names: {', '.join(DATASET_NAMES)}, folder:<path>")

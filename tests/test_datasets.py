@@ -178,3 +178,12 @@ def test_batches_cover_each_epoch_and_resume_exactly():
     assert not torch.equal(first, seen[:5]) or not torch.equal(rest[0], seen[5:])  # a new permutation per epoch
     with pytest.raises(DatasetError, match="batch"):
         Batches(torch.arange(3), batch_size=4)
+
+
+def test_a_script_stops_on_missing_data_with_the_message_only(tmp_path, run_script):
+    proc = run_script("adaptive_wgan.py", "--lam", "3", "--dataset", "cifar10", "--data-root", tmp_path / "empty",
+                      cwd=tmp_path, check=False, env={"GAN_DATA_OFFLINE": "1"}, timeout=300)
+    assert proc.returncode == 1
+    assert "cifar-10-batches-py/data_batch_1" in proc.stderr and "Get it from" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "empty").exists()
