@@ -435,12 +435,16 @@ def train(args: Args, seed: int, use_lens: bool, run_dir: Path, real_images: tor
         batches.load_state_dict(ckpt["batches"])
         noise_gen.set_state(ckpt["noise_gen"].cpu())
         start, history = ckpt["step"], ckpt["history"]
+        torch.set_rng_state(ckpt["torch_rng"])  # WGAN-GP's interpolation weights come from the global RNG
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["cuda_rng"])
 
     def save_checkpoint(step):
         state = {"G": G.state_dict(), "D": D.state_dict(), "g_opt": g_opt.state_dict(), "d_opt": d_opt.state_dict(),
                  "lens": None if lens is None else lens.state_dict(),
                  "lens_opt": None if lens is None else lens_opt.state_dict(), "batches": batches.state_dict(),
-                 "noise_gen": noise_gen.get_state(), "step": step, "history": history,
+                 "noise_gen": noise_gen.get_state(), "step": step, "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None, "history": history,
                  "seed": seed, "use_lens": use_lens, "args": asdict(args)}
         torch.save(state, ckpt_path.with_suffix(".tmp"))
         os.replace(ckpt_path.with_suffix(".tmp"), ckpt_path)  # never a half-written checkpoint
