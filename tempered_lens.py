@@ -491,7 +491,7 @@ def train(args: Args, seed: int, use_lens: bool, run_dir: Path, real_images: tor
                 last_log, last_time = done, now
                 bad = [k for k, v in values.items() if not math.isfinite(v)]
                 if bad:
-                    diverged, reason = True, f"non-finite {', '.join(bad)} at step {done}"
+                    diverged, reason, step = True, f"non-finite {', '.join(bad)} at step {done}", done
                     print(f"run diverged: {reason}", file=sys.stderr)
                     break
             if done % args.sample_every == 0:

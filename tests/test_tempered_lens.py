@@ -246,3 +246,25 @@ def test_help_and_bad_dataset(run_script, tmp_path):
     proc = run_script("tempered_lens.py", "--dataset", "mnist", "--data-root", str(tmp_path / "none"),
                       cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "MNIST" in proc.stderr + proc.stdout
+
+
+def test_non_finite_loss_stops_the_run_as_diverged(tmp_path):
+    """Real data with a NaN makes D's loss non-finite: the run stops at the next log, is recorded as diverged
+    with the reason, and still writes its results."""
+    from tempered_lens import train
+
+    class StubFID:
+        name = "stub"
+
+        def __call__(self, images):
+            return 1.0
+
+    args = tiny_args("lsgan", total_steps=20, log_every=2, eval_every=100, sample_every=100, fid_samples=8,
+                     num_grid=4)
+    real = torch.rand(32, 1, 32, 32) * 2 - 1
+    real[:] = float("nan")
+    result = train(args, 1, True, tmp_path / "run", real, StubFID(), None, torch.device("cpu"))
+    assert result["diverged"] and result["steps"] == 2 and "non-finite" in result["reason"]
+    assert result["final_fid"] is None
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["diverged"] and "d_loss" in saved["reason"]
