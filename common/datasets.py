@@ -443,7 +443,8 @@ def load_dataset(name: str, split: str = "train", image_size: int | None = None,
             x, y = load_folder(folder, size)
         x = resize_square(x, size)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")  # write then rename: an interrupted save leaves no half file behind
+        # write then rename (per-process name): an interrupted or concurrent save leaves no half file behind
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
         torch.save({"x": x, "y": y}, tmp)
         os.replace(tmp, cache)
     num_classes = {"mnist": 10, "fashion-mnist": 10, "cifar10": 10, "stacked-mnist": 1000}.get(name)

@@ -183,7 +183,7 @@ def load_digit_classifier(dataset: str = "mnist", root: str | Path = "data", dev
     if base in ("mnist",) and accuracy < 0.98 and len(train) >= 60_000:
         print(f"warning: the MNIST digit classifier reached only {accuracy:.4f} test accuracy (< 0.98)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: two runs training at once do not clash
     torch.save({"state_dict": net.cpu().state_dict(), "num_classes": net.head.out_features,
                 "test_accuracy": accuracy}, tmp)
     os.replace(tmp, path)
@@ -248,7 +248,7 @@ class FID:
         else:
             self.mu_real, self.sigma_real = feature_stats(self.features(real))
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(cache.stem + ".tmp.npz")
+            tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")
             np.savez(tmp, mu=self.mu_real, sigma=self.sigma_real)
             os.replace(tmp, cache)
         self.cache_path = cache
@@ -280,7 +280,8 @@ class FID:
 
     @torch.no_grad()
     def score_generator(self, generator: nn.Module, noise: torch.Tensor, batch_size: int | None = None) -> float:
-        """FID of generator(noise) over a fixed noise tensor, in eval mode (the previous mode is restored)."""
+        """FID of generator(noise) over a fixed noise tensor, in eval mode (the previous mode is restored):
+        batch-norm layers use their running statistics, as a trained generator is used."""
         was_training = generator.training
         generator.eval()
         try:
