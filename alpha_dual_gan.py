@@ -509,8 +509,14 @@ def draw_ring_scatter(ring, samples, per_seed, count, path, writer, tag):
         ax.scatter(pts[:, 0], pts[:, 1], s=2, c="tab:red", alpha=0.5)
         ax.set_xlim(-1.6, 1.6), ax.set_ylim(-1.6, 1.6)
         ax.set_title(f"seed {per_seed[i]['seed']}: {per_seed[i]['modes']}/8", fontsize=8)
+    save_figure(fig, path, writer, tag, dpi=80)
+
+
+def save_figure(fig, path: Path, writer, tag: str, dpi: int = 90) -> None:
+    """Write a matplotlib figure as PNG (and to TensorBoard when a writer is given), then close it."""
+    import matplotlib.pyplot as plt
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=dpi)
     if writer is not None:
         writer.add_figure(tag, fig)
     plt.close(fig)
@@ -532,12 +538,8 @@ def draw_grid_plots(summaries, alpha_ds, alpha_gs, out_dir: Path, writer) -> lis
         ax.set_xlabel("α_D"), ax.set_ylabel("α_G"), ax.set_title(f"{key.split('_')[0]} % ({summaries[0]['seeds']} seeds)")
         for (r, c), v in np.ndenumerate(grid):
             ax.text(c, r, f"{v:.0f}", ha="center", va="center", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out_dir / "grid_heatmap.png", dpi=90)
+    save_figure(fig, out_dir / "grid_heatmap.png", writer, "charts/grid_heatmap")
     written.append("grid_heatmap.png")
-    if writer is not None:
-        writer.add_figure("charts/grid_heatmap", fig)
-    plt.close(fig)
     sweep = sorted(d for d in alpha_ds if (d, 1.0) in by_cell)
     if len(sweep) >= 2:
         fig, ax = plt.subplots(figsize=(5, 3.4))
@@ -550,12 +552,8 @@ def draw_grid_plots(summaries, alpha_ds, alpha_gs, out_dir: Path, writer) -> lis
                 if s["lsgan"]:
                     ax.axhline(100 * s[f"{key}_rate"], color=colour, ls="--", lw=1, label=f"LSGAN {key}")
         ax.set_xlabel("α_D (α_G = 1)"), ax.set_ylabel("% of seeds"), ax.set_ylim(-2, 102), ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / "alpha_d_sweep.png", dpi=90)
+        save_figure(fig, out_dir / "alpha_d_sweep.png", writer, "charts/alpha_d_sweep")
         written.append("alpha_d_sweep.png")
-        if writer is not None:
-            writer.add_figure("charts/alpha_d_sweep", fig)
-        plt.close(fig)
     return written
 
 

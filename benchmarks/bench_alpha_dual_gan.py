@@ -46,6 +46,22 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def time_steps(step, num_steps: int, device) -> tuple[int, float]:
+    """Warm up with 3 steps, count aten operator calls of one step with the profiler, then time `num_steps`
+    steps. Returns (operator calls per step, seconds)."""
+    for k in range(3):
+        step(k)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(3)
+    ops = sum(1 for e in prof.events() if e.name.startswith("aten::"))
+    sync(device)
+    start = time.perf_counter()
+    for k in range(num_steps):
+        step(k)
+    sync(device)
+    return ops, time.perf_counter() - start
+
+
 def bench_stack(num_seeds: int, args: Args, ring, device) -> dict:
     gen_net, disc_net, gens = adg.ring_networks(list(range(1, num_seeds + 1)), device=device)
     opt_g = adg.adam(gen_net.parameters(), 1e-4, (0.9, 0.999), device)
@@ -61,17 +77,7 @@ def bench_stack(num_seeds: int, args: Args, ring, device) -> dict:
         return adg.ring_train_step(gen_net, disc_net, opt_g, opt_d, train[idx], noise[idx], alive, args.alpha_d,
                                    args.alpha_g, False)
 
-    for k in range(3):
-        step(k)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step(3)
-    ops = sum(1 for e in prof.events() if e.name.startswith("aten::"))
-    sync(device)
-    start = time.perf_counter()
-    for k in range(args.steps):
-        step(k)
-    sync(device)
-    seconds = time.perf_counter() - start
+    ops, seconds = time_steps(step, args.steps, device)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
     return {"seeds": num_seeds, "steps_per_s": args.steps / seconds,
             "seed_epochs_per_s": num_seeds * args.steps / seconds / STEPS_PER_EPOCH, "ops_per_step": ops,
@@ -103,17 +109,7 @@ def bench_plain(args: Args, ring, device) -> dict:
         g_loss.backward()
         opt_g.step()
 
-    for k in range(3):
-        step(k)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step(3)
-    ops = sum(1 for e in prof.events() if e.name.startswith("aten::"))
-    sync(device)
-    start = time.perf_counter()
-    for k in range(args.steps):
-        step(k)
-    sync(device)
-    seconds = time.perf_counter() - start
+    ops, seconds = time_steps(step, args.steps, device)
     return {"seeds": "1 (plain loop)", "steps_per_s": args.steps / seconds,
             "seed_epochs_per_s": args.steps / seconds / STEPS_PER_EPOCH, "ops_per_step": ops, "peak_mib": float("nan")}
 
