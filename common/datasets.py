@@ -113,7 +113,7 @@ class Batches:
         if drop_last and n < batch_size:
             raise DatasetError(f"the dataset has {n} samples, fewer than one batch of {batch_size}: "
                                "lower --batch-size or use more data")
-        self.tensors, self.batch_size, self.generator, self.drop_last = tensors, batch_size, generator, drop_last
+        self.tensors, self.batch_size, self.generator = tensors, batch_size, generator
         self.device = tensors[0].device
         self.steps_per_epoch = n // batch_size if drop_last else math.ceil(n / batch_size)
         self.epoch, self.step_in_epoch = 0, 0

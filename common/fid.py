@@ -180,7 +180,7 @@ def load_digit_classifier(dataset: str = "mnist", root: str | Path = "data", dev
     net = train_digit_cnn(train.x, train.y, epochs=epochs or (3 if base != "fake" else 5), device=device)
     classifier = DigitClassifier(net, base, 0.0, device)
     accuracy = (classifier.predict(test.x).cpu() == test.y).float().mean().item()
-    if base in ("mnist",) and accuracy < 0.98 and len(train) >= 60_000:
+    if base == "mnist" and accuracy < 0.98 and len(train) >= 60_000:
         print(f"warning: the MNIST digit classifier reached only {accuracy:.4f} test accuracy (< 0.98)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: two runs training at once do not clash
