@@ -8,7 +8,8 @@ import torch.nn as nn
 
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from common.datasets import load_dataset, to_float
-from common.fid import FID, FIDError, feature_stats, frechet_distance, load_digit_classifier
+from common.fid import (FID, FIDError, _precision_spots, _try, feature_stats, frechet_distance, full_precision,
+                        load_digit_classifier, sq_distances)
 
 
 def reference_fd(a: np.ndarray, b: np.ndarray) -> float:
@@ -92,7 +93,7 @@ def test_digit_classifier_learns_fake_data_and_is_cached(fake_root):
     assert clf.test_accuracy > 0.9
     assert (clf.predict(test.x) == test.y).float().mean() > 0.9
     assert clf.features(test.x[:5]).shape == (5, 128)
-    assert (fake_root / "classifiers" / "fake_cnn.pt").exists()
+    assert len(list((fake_root / "classifiers").glob("fake_cnn_*.pt"))) == 1
     probs = clf.probs(to_float(test.x[:7]))  # float input works too
     assert probs.shape == (7, 10) and torch.allclose(probs.sum(1), torch.ones(7))
 
@@ -147,3 +148,57 @@ def test_sampling_with_replacement_and_generator_mode_restored(fake_root):
     assert not gen.training
     with pytest.raises(FIDError, match="digit extractor covers"):
         FID(data, extractor="digits", dataset="cifar10", root=fake_root)
+
+
+def test_evaluate_returns_the_contract_dict_with_small_sample_counts(fake_root):
+    data = load_dataset("fake").x
+    fid = FID(data[:40], extractor="digits", dataset="fake", root=fake_root)
+    out = fid.evaluate(data[100:130])
+    assert set(out) == {"fid", "kid_mean", "kid_std", "precision", "recall", "extractor", "num_real", "num_fake",
+                        "kid_subsets", "kid_subset_size"}  # no IS for the digit extractor
+    assert out["extractor"] == "digits-cnn(fake)" and (out["num_real"], out["num_fake"]) == (40, 30)
+    assert out["kid_subset_size"] == 30 and out["kid_subsets"] == 100  # min(1000, n): small counts work
+    assert out["fid"] == pytest.approx(fid(data[100:130]), rel=1e-12)
+    assert 0 <= out["precision"] <= 1 and 0 <= out["recall"] <= 1
+    same = fid.evaluate(data[:40])
+    assert same["precision"] == same["recall"] == 1.0  # every point lies in its own k-NN ball
+    blank = fid.evaluate(torch.full_like(data[:30], 255))
+    assert blank["kid_mean"] > 10 * abs(out["kid_mean"]) and blank["fid"] > out["fid"]
+    assert blank["precision"] == 0.0
+
+
+def precision_settings():
+    """Every precision switch, read without raising (torch refuses some legacy reads after mixed API use)."""
+    b = torch.backends
+    return ([o.fp32_precision for _, o in _precision_spots()], _try(torch.get_float32_matmul_precision),
+            _try(lambda: b.cuda.matmul.allow_tf32), _try(lambda: b.cudnn.allow_tf32))
+
+
+def test_full_precision_restores_every_flag_also_after_an_exception():
+    b = torch.backends
+    saved = precision_settings()
+    try:
+        torch.set_float32_matmul_precision("medium")  # the house performance switches, reduced precision on
+        b.cudnn.allow_tf32 = True
+        before = precision_settings()
+        assert before[1] == "medium"
+        with pytest.raises(KeyError):
+            with full_precision():
+                assert precision_settings()[1:] == ("highest", False, False)
+                raise KeyError("inside")
+        assert precision_settings() == before
+    finally:
+        torch.set_float32_matmul_precision(saved[1])
+        b.cudnn.allow_tf32 = saved[3]
+        for (_, obj), value in zip(_precision_spots(), saved[0]):
+            obj.fp32_precision = value
+    assert precision_settings() == saved
+
+
+def test_sq_distances_exact_far_from_the_origin():
+    centre = torch.tensor([[1e3, 1e3]], dtype=torch.float64)
+    angle = torch.tensor([0.3, 1.7])
+    radius = torch.tensor([0.0299, 0.0301], dtype=torch.float64)
+    points = centre + radius[:, None] * torch.stack([angle.cos(), angle.sin()], 1).double()
+    d2 = sq_distances(points.float(), centre.float())
+    assert d2.dtype == torch.float64 and d2.shape == (2, 1)
