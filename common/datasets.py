@@ -385,6 +385,86 @@ def fake_images(split: str, size: int, channels: int) -> tuple[torch.Tensor, tor
     return images, labels
 
 
+# ---------------------------------------------------------------- cache keys
+
+LOADER_VERSION = 2  # bump when a loader's output changes for the same files
+ABSENT = "absent"
+
+
+def loader_parameters(name: str, split: str, size: int) -> dict:
+    """Everything besides the raw files that decides a loader's output (part of the cache key)."""
+    params = {"name": name, "split": split, "size": size, "version": LOADER_VERSION,
+              "resize": "centre square crop, antialiased bilinear, rounded"}
+    if name == "celeba":
+        params.update(crop=CELEBA_CROP, split_definition="list_eval_partition: 2 = test, 0 and 1 = train; "
+                                                         "ids sorted by file name")
+    elif name == "lfw":
+        params.update(crop=LFW_CROP, labels="person folders, sorted")
+    elif name == "stacked-mnist":
+        params.update(stacking="3 MNIST digits per image, indices with replacement, seed 0 train / 1 test")
+    elif name.startswith("lsun-"):
+        params.update(split_definition="train = {category}_train, test = {category}_val")
+    return params
+
+
+def raw_files(name: str, split: str, root: Path) -> list[Path]:
+    """The files and folders a loader reads (those that exist)."""
+    prefix = "train" if split == "train" else "t10k"
+    if name in ("mnist", "fashion-mnist", "stacked-mnist"):
+        raw = root / ("FashionMNIST" if name == "fashion-mnist" else "MNIST") / "raw"
+        candidates = [raw / f"{prefix}-{kind}{suffix}" for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")
+                      for suffix in (".gz", "")]
+    elif name == "cifar10":
+        folder = root / "cifar-10-batches-py"
+        candidates = [folder / f"data_batch_{i}" for i in range(1, 6)] if split == "train" else [folder / "test_batch"]
+    elif name == "celeba":
+        folder = root / "celeba"
+        candidates = [folder / "img_align_celeba", folder / "identity_CelebA.txt", folder / "list_eval_partition.txt"]
+    elif name.startswith("lsun-"):
+        base, lsun_split = root / "lsun", "train" if split == "train" else "val"
+        candidates = [base / f"{name[5:]}_{lsun_split}", base / f"{name[5:]}_{lsun_split}_lmdb"]
+    elif name == "lfw":
+        candidates = [root / "lfw-py" / "lfw_funneled"]
+    else:  # folder:<path> is keyed by its own listing
+        candidates = []
+    return [p for p in candidates if p.exists()]
+
+
+def raw_signature(name: str, split: str, root: Path) -> str:
+    """A cheap fingerprint of the raw files: path, size and modification time of each file; for a folder, the
+    sorted relative names of everything in it and the size and time of its small files (≤ 64 files), else the
+    folder's own time (big image folders: adding, removing or renaming files changes it; editing one image in
+    place does not — delete `{root}/cache/` after doing that)."""
+    parts = []
+    for path in raw_files(name, split, root):
+        st = path.stat()
+        if path.is_file():
+            parts.append(f"{path.name}|{st.st_size}|{st.st_mtime_ns}")
+            continue
+        names = sorted(str(Path(d).relative_to(path) / f) for d, _, files in os.walk(path) for f in files)
+        parts.append(f"{path.name}/|{len(names)}|{hashlib.sha1(chr(0).join(names).encode()).hexdigest()}")
+        if len(names) <= 64:
+            parts += [f"{n}|{(path / n).stat().st_size}|{(path / n).stat().st_mtime_ns}" for n in names]
+        else:
+            parts.append(f"{st.st_mtime_ns}")
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:12] if parts else ABSENT
+
+
+def read_cache(path: Path):
+    """(x, y) from a dataset cache file, or None when there is none or it cannot be read (then rebuilt: one line)."""
+    if not path.exists():
+        return None
+    try:
+        saved = torch.load(path, weights_only=True)
+        x, y = saved["x"], saved["y"]
+        if not torch.is_tensor(x) or (y is not None and len(y) != len(x)):
+            raise ValueError("unexpected content")
+        return x, y
+    except Exception as e:
+        print(f"cache file {path} could not be read ({type(e).__name__}): rebuilding it")
+        return None
+
+
 def load_dataset(name: str, split: str = "train", image_size: int | None = None, root: str | Path = "data",
                  download: bool | None = None, num_samples: int | None = None, channels: int | None = None) -> Data:
     """Load a dataset by name as tensors (see the module docstring). `channels` applies to "fake" only.
@@ -422,10 +502,20 @@ def load_dataset(name: str, split: str = "train", image_size: int | None = None,
         listing = "".join(f"{p}{p.stat().st_size}{p.stat().st_mtime_ns}" for p in list_images(folder)) \
             if folder.is_dir() else ""
         key = "folder-" + hashlib.sha1((str(folder) + listing).encode()).hexdigest()[:16]
-    cache = root / "cache" / f"{key}_{split}_{size}.pt"
-    if cache.exists():
-        saved = torch.load(cache, weights_only=True)
-        x, y = saved["x"], saved["y"]
+    # the cache file is named by what determines its content: the loader's parameters (crop, split definition,
+    # resize, stacking seeds) and a cheap signature (sizes and modification times) of the raw files it reads
+    params = hashlib.sha1(repr(loader_parameters(name, split, size)).encode()).hexdigest()[:8]
+    stem = f"{key}_{split}_{size}_{params}"
+    signature = raw_signature(name, split, root)
+    cache = root / "cache" / f"{stem}_{signature}.pt"
+    loaded = read_cache(cache)
+    if loaded is None and signature == ABSENT:
+        # raw files gone (e.g. deleted after the first load): the newest cache of the same loader parameters is
+        # the only source of this data, so it cannot be stale with respect to anything on this machine
+        candidates = sorted((root / "cache").glob(f"{stem}_*.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
+        loaded = next((d for d in map(read_cache, candidates) if d is not None), None)
+    if loaded is not None:
+        x, y = loaded
     else:
         if name in ("mnist", "fashion-mnist"):
             x, y = load_mnist_like(name, split, root, download)
@@ -442,6 +532,8 @@ def load_dataset(name: str, split: str = "train", image_size: int | None = None,
         else:
             x, y = load_folder(folder, size)
         x = resize_square(x, size)
+        if signature == ABSENT:  # the files have just been downloaded
+            cache = root / "cache" / f"{stem}_{raw_signature(name, split, root)}.pt"
         cache.parent.mkdir(parents=True, exist_ok=True)
         # write then rename (per-process name): an interrupted or concurrent save leaves no half file behind
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")

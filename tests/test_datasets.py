@@ -1,5 +1,6 @@
 """common/datasets.py on tiny real-format files written by the tests (no network, no ../shared)."""
 import math
+import os
 import pickle
 
 import numpy as np
@@ -7,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+import common.datasets as datasets
 from common.datasets import (Batches, DatasetError, load_dataset, ring_data, to_float, to_uint8, try_download)
-from conftest import digit_like_images, make_cifar10, make_mnist
+from conftest import digit_like_images, make_cifar10, make_mnist, write_idx
 
 
 def test_mnist_idx_shapes_labels_and_cache(mnist_root):
@@ -19,8 +21,7 @@ def test_mnist_idx_shapes_labels_and_cache(mnist_root):
     assert torch.equal(data.y, torch.from_numpy(labels.astype(np.int64))) and data.num_classes == 10
     test = load_dataset("mnist", split="test", image_size=32, root=mnist_root, download=False)
     assert test.x.shape == (128, 1, 32, 32) and test.x.dtype == torch.uint8
-    cache = mnist_root / "cache" / "mnist_train_28.pt"
-    assert cache.exists()
+    (cache,) = (mnist_root / "cache").glob("mnist_train_28_*.pt")
     for raw in (mnist_root / "MNIST" / "raw").iterdir():  # the second load must come from the cache alone
         raw.unlink()
     again = load_dataset("mnist", root=mnist_root, download=False)
@@ -187,3 +188,58 @@ def test_a_script_stops_on_missing_data_with_the_message_only(tmp_path, run_scri
     assert "cifar-10-batches-py/data_batch_1" in proc.stderr and "Get it from" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "empty").exists()
+
+
+# ---------------------------------------------------------------- cache keys and unreadable cache files
+
+def test_changed_raw_files_give_a_new_cache_entry_and_new_data(mnist_root):
+    first = load_dataset("mnist", root=mnist_root, download=False)
+    raw = mnist_root / "MNIST" / "raw"
+    images, labels = digit_like_images(256, seed=5)  # other images, same count: same sizes in the array
+    write_idx(raw / "train-images-idx3-ubyte.gz", images)
+    write_idx(raw / "train-labels-idx1-ubyte.gz", labels)
+    stat = (raw / "train-images-idx3-ubyte.gz").stat()
+    os.utime(raw / "train-images-idx3-ubyte.gz", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    second = load_dataset("mnist", root=mnist_root, download=False)
+    assert torch.equal(second.x[:, 0], torch.from_numpy(images)) and not torch.equal(second.x, first.x)
+    assert len(list((mnist_root / "cache").glob("mnist_train_28_*.pt"))) == 2
+
+
+def test_truncated_cache_file_is_rebuilt_with_one_line(mnist_root, capsys):
+    data = load_dataset("mnist", root=mnist_root, download=False)
+    (cache,) = (mnist_root / "cache").glob("mnist_train_28_*.pt")
+    cache.write_bytes(cache.read_bytes()[:200])
+    capsys.readouterr()
+    again = load_dataset("mnist", root=mnist_root, download=False)
+    out = capsys.readouterr().out
+    assert torch.equal(again.x, data.x) and torch.equal(again.y, data.y)
+    assert out.count("\n") == 1 and "could not be read" in out and "rebuilding" in out and str(cache) in out
+    assert torch.equal(torch.load(cache, weights_only=True)["x"], data.x)  # the rebuilt file is whole again
+
+
+def make_celeba(root, n: int = 6):
+    folder = root / "celeba"
+    (folder / "img_align_celeba").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"{i:06d}.jpg" for i in range(1, n + 1)]
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (218, 178, 3), dtype=np.uint8)).save(folder / "img_align_celeba" / name)
+    (folder / "identity_CelebA.txt").write_text("".join(f"{name} {i % 3}\n" for i, name in enumerate(names)))
+    (folder / "list_eval_partition.txt").write_text("".join(f"{name} {2 if i >= 4 else 0}\n"
+                                                            for i, name in enumerate(names)))
+    return folder
+
+
+def test_crop_and_split_definition_are_part_of_the_cache_key(tmp_path, monkeypatch):
+    folder = make_celeba(tmp_path)
+    base = load_dataset("celeba", image_size=16, root=tmp_path, download=False)
+    assert len(base) == 4
+    monkeypatch.setattr(datasets, "CELEBA_CROP", 60)  # another crop: another entry, other pixels
+    cropped = load_dataset("celeba", image_size=16, root=tmp_path, download=False)
+    assert not torch.equal(cropped.x, base.x)
+    monkeypatch.undo()
+    assert torch.equal(load_dataset("celeba", image_size=16, root=tmp_path, download=False).x, base.x)
+    partition = folder / "list_eval_partition.txt"  # another split definition: one more training image
+    partition.write_text(partition.read_text().replace(" 2\n", " 0\n", 1) + "\n")
+    assert len(load_dataset("celeba", image_size=16, root=tmp_path, download=False)) == 5
+    assert len(list((tmp_path / "cache").glob("celeba_train_16_*.pt"))) == 3
