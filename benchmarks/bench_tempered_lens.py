@@ -1,17 +1,18 @@
 """Training iterations per second of tempered_lens.py with and without the lens, on the current device.
 
     python benchmarks/bench_tempered_lens.py                                  # nsgan, paper widths
-    python benchmarks/bench_tempered_lens.py --gan wgan-gp --steps 20
-    OMP_NUM_THREADS=1 python benchmarks/bench_tempered_lens.py --width 32 --lens-width 16 --steps 30   # CPU setting of the docs
+    python benchmarks/bench_tempered_lens.py --preset cifar10-wgan-gp --channels 3 --steps 5 --warmup 1
+    OMP_NUM_THREADS=1 python benchmarks/bench_tempered_lens.py --preset cpu-mini --steps 20 --warmup 3
 
-One iteration = what one generator iteration of the script does (D step(s), G step, lens step). Random data
-in [-1, 1] stands in for images: the cost does not depend on the pixels.
+One iteration = what one generator iteration of the script's training loop does: --n-critic D steps, one G step
+(D frozen), one lens step. Random data in [-1, 1] stands in for images: the cost does not depend on the pixels.
+The settings come from a preset of the script (widths, batch size, critic steps, optimiser).
 """
 from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -19,46 +20,38 @@ import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tempered_lens import Args, build_models, make_optimizer, train_iteration  # noqa: E402
+from tempered_lens import (PRESETS, build_models, discriminator_step, generator_loss, lens_step,  # noqa: E402
+                           make_optimizer)
 
 
 @dataclass
 class BenchArgs:
-    gan: Literal["nsgan", "lsgan", "wgan-gp"] = "nsgan"
-    """GAN variant"""
+    preset: Literal[tuple(PRESETS)] = "default"  # type: ignore[valid-type]
+    """tempered_lens.py preset whose network and training settings are timed"""
     steps: int = 50
     """timed iterations per configuration (after warm-up)"""
     warmup: int = 5
     """untimed iterations first"""
-    batch_size: int = 64
-    """batch size"""
     channels: int = 1
     """image channels (1: MNIST, 3: the other datasets)"""
-    width: int | None = None
-    """G/D width C (None: the script's default for the variant)"""
-    lens_width: int = 64
-    """lens channels"""
-    lens_blocks: int = 8
-    """lens residual blocks"""
+    batch_size: int = 0
+    """batch size (0: the preset's)"""
+    width: int = 0
+    """G/D width C (0: the preset's)"""
+    lens_width: int = 0
+    """lens channels (0: the preset's)"""
     cuda: bool = True
     """use CUDA when available"""
 
 
 def measure(bench: BenchArgs, use_lens: bool, device: torch.device) -> tuple[float, float]:
-    args = Args(gan=bench.gan, batch_size=bench.batch_size, width=bench.width, lens_width=bench.lens_width,
-                lens_blocks=bench.lens_blocks, dataset="fake")
+    args = PRESETS[bench.preset]
+    args = replace(args, batch_size=bench.batch_size or args.batch_size, width=bench.width or args.width,
+                   lens_width=bench.lens_width or args.lens_width)
     G, D, lens = build_models(args, bench.channels, seed=0, use_lens=use_lens, device=device)
-    g_opt, d_opt = make_optimizer(G.parameters(), args, device), make_optimizer(D.parameters(), args, device)
-    lens_opt = make_optimizer(lens.parameters(), args, device) if use_lens else None
+    g_opt, d_opt, lens_opt = (None if m is None else make_optimizer(m, args, device) for m in (G, D, lens))
     gen = torch.Generator(device).manual_seed(0)
-    real = torch.rand(4 * bench.batch_size, bench.channels, 32, 32, device=device, generator=gen) * 2 - 1
-
-    def next_real():
-        return real[torch.randint(len(real), (bench.batch_size,), device=device, generator=gen)]
-
-    def next_noise():
-        return torch.randn(bench.batch_size, args.z_dim, device=device, generator=gen)
-
+    data = torch.rand(4 * args.batch_size, bench.channels, 32, 32, device=device, generator=gen) * 2 - 1
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for step in range(bench.warmup + bench.steps):
@@ -66,8 +59,19 @@ def measure(bench: BenchArgs, use_lens: bool, device: torch.device) -> tuple[flo
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-        stats = train_iteration(step, G, D, lens, g_opt, d_opt, lens_opt, next_real, next_noise, args)
-    stats["g_loss"].item()  # wait for the device
+        for _ in range(args.n_critic):  # the same three updates as the script's loop
+            real = data[torch.randint(len(data), (args.batch_size,), device=device, generator=gen)]
+            z = torch.randn(args.batch_size, args.z_dim, device=device, generator=gen)
+            discriminator_step(D, G, lens, d_opt, real, z, args.gan, args.gp_weight, gen)
+        D.requires_grad_(False)
+        g_loss = generator_loss(args.gan, D(G(torch.randn(args.batch_size, args.z_dim, device=device, generator=gen))))
+        g_opt.zero_grad(set_to_none=True)
+        g_loss.backward()
+        g_opt.step()
+        D.requires_grad_(True)
+        if lens is not None:
+            lens_step(lens, D, lens_opt, real, 1.0, args.gan, args.reconstruction)
+    g_loss.item()  # wait for the device
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
     return bench.steps / elapsed, peak
