@@ -1,146 +1,190 @@
-"""Optimiser × learning-rate study for WGAN-GP on MNIST, one grid of cells trained as one stack.
+"""Optimiser × learning-rate study for WGAN-GP on MNIST, the whole grid of cells trained as one stack.
 
 Paper: "Study of Optimiser Performance for Wasserstein Loss Function in Generative Adversarial Networks",
-Anton Hosgood, Fedor Sergeev, Younes Moussaif (EPFL); code github.com/TheodorSergeev/optml_gan.
+Anton Hosgood, Fedor Sergeev, Younes Moussaif (EPFL, 2022); code github.com/TheodorSergeev/optml_gan.
 
-An MLP generator (Table II) and an MLP critic with dropout (Table III) are trained on MNIST with the
-Wasserstein loss and the gradient penalty of Gulrajani et al. (λ = 10): five critic steps on each real batch,
-then one generator step. The study varies only the optimiser (SGD, RMSprop, Adam with PyTorch's defaults, the
-same lr for G and D) and the learning rate (1e-1 … 1e-7), and scores every cell by FID (Table I, Fig. 4).
-Here every (optimiser, lr) cell of the grid is one slice of stacked parameters: the networks run as batched
-matrix products over cells and the three update rules are one set of elementwise ops with per-cell
-coefficients, so a whole grid costs the same number of operator calls per iteration as one cell. A cell whose
-losses turn non-finite is frozen and reported as N/A; the others go on.
+One WGAN-GP (MLP generator, Table II; MLP critic with dropout, Table III; five critic steps on each real batch,
+then one generator step) is trained on MNIST with SGD, RMSprop or Adam (PyTorch's defaults, the same lr for G and D)
+at learning rates 1e-1 … 1e-7, and every (optimiser, lr) cell is scored by FID (Table I, Fig. 4). Each cell is one
+slice of stacked parameters: the networks run as batched matrix products over cells and the three update rules are
+one set of elementwise ops with per-cell coefficients, so a grid costs the operator calls of one cell. A cell whose
+loss, gradients or weights turn non-finite is frozen at its last finite state and reported as N/A.
 
-    python wgan_optimizer_study.py                                   # Table I: 3 optimisers × 7 lrs, 300 epochs
-    python wgan_optimizer_study.py --optimizer adam --lr 1e-4        # one cell
-    python wgan_optimizer_study.py --penalty per-pixel               # the authors' code's penalty (λ = 1, per pixel)
-    OMP_NUM_THREADS=1 python wgan_optimizer_study.py --lrs 1e-3 1e-4 1e-5 --num-train 3200 --epochs 6 \
-        --fid-every 1 --fid-extractor digits --threads 1             # CPU quick run (docs), in-domain FID
+    python wgan_optimizer_study.py                          # the paper's setup: 21 cells, 300 epochs, λ = 10 per sample
+    python wgan_optimizer_study.py --preset table1          # Table I as the authors' code produced it (per-pixel GP)
+    python wgan_optimizer_study.py --optimizers adam --lr 1e-4                  # one cell
+    python wgan_optimizer_study.py --preset cpu-mini        # Table I's regime at CPU scale, digit-CNN FID
 """
 from __future__ import annotations
 
-import csv
+import argparse
 import json
 import math
 import os
+import secrets
+import signal
+import sys
+import threading
 import time
-from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 from common.datasets import Batches, load_dataset, to_float, to_uint8
-from common.fid import FID
+from common.fid import FID, full_precision
 
-OptimizerName = Literal["sgd", "rmsprop", "adam"]
-TABLE_I_LRS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
+# The authors' metrics.ipynb scores the models saved after the 0-indexed epochs 0, 50, …, 250, 290, i.e. after
+# 1, 51, …, 291 completed epochs; Table I is the last of them.
+AUTHORS_FID_EPOCHS = (1, 51, 101, 151, 201, 251, 291)
+LOSS_KEYS = ("d_loss", "gradient_penalty", "wasserstein", "g_loss")
+EVAL_TAGS = {"fid": "fid", "kid": "kid_mean", "is": "is_mean", "precision": "precision", "recall": "recall"}
 
 
 @dataclass
 class Args:
     # experiment
-    exp_name: str = Path(__file__).stem
-    """name of this experiment (part of the run name)"""
+    preset: Literal["default", "paper-gp", "table1", "cpu-mini"] = "default"
+    """paper experiment to start from; every other flag overrides it: default (= paper-gp), paper-gp (the paper's
+    λ = 10 per-sample penalty), table1 (the authors' code's per-pixel penalty, which produced Table I), cpu-mini"""
     seed: int = 1
-    """seed of the initial networks, the noise and the batch order"""
-    torch_deterministic: bool = True
-    """cudnn.deterministic (CPU runs are deterministic anyway)"""
+    """seed of the initial networks (the same in every cell), the batch order and the noise"""
     cuda: bool = True
     """use CUDA when available"""
-    threads: int | None = None
-    """torch.set_num_threads for the CPU (None: PyTorch's default)"""
-    save_model: bool = False
-    """write a checkpoint of the whole grid at every FID evaluation and per-cell G/D weights at the end"""
-    resume: str | None = None
-    """path of a checkpoint.pt to continue from (same grid); the run goes on in that checkpoint's folder"""
+    track: bool = False
+    """log to Weights & Biases (TensorBoard synced; respects WANDB_MODE=offline)"""
+    wandb_project_name: str = "gan-stability"
+    """Weights & Biases project"""
     output_dir: str = "runs"
-    """folder that holds the run folder"""
+    """folder that holds the run folders"""
     run_name: str | None = None
-    """run folder name (default: {dataset}__{exp_name}__{seed}__{unix time})"""
+    """run folder name (default: {dataset}__wgan_optimizer_study__{seed}__{time}-{random})"""
+    save_model: bool = False
+    """write checkpoint.pt (the whole grid, to resume) at every FID evaluation, at the end and on Ctrl-C"""
+    resume: str | None = None
+    """run folder to continue (its args.json and checkpoint.pt); flags given with it override the saved ones"""
     # data
     dataset: Literal["mnist", "fashion-mnist", "fake"] = "mnist"
     """training images (28×28 grey); 'fake' is the synthetic set used by the tests"""
     data_root: str = "data"
     """data folder (MNIST IDX files at {data_root}/MNIST/raw/)"""
-    num_train: int | None = None
-    """use only the first n training images (None: all 60,000); an epoch is then ceil(n / batch) iterations"""
-    # the grid
-    optimizers: tuple[OptimizerName, ...] = ("adam", "sgd", "rmsprop")
-    """optimisers of the grid (Table I's columns)"""
-    lrs: tuple[float, ...] = TABLE_I_LRS
+    num_train: int = 0
+    """use only the first n training images (0: all 60,000); an epoch is then ceil(n / batch) generator iterations"""
+    # method (Sec. IV, Appendix C)
+    optimizers: tuple[Literal["sgd", "rmsprop", "adam"], ...] = ("adam", "sgd", "rmsprop")
+    """optimisers of the grid (Table I's columns), PyTorch's defaults"""
+    lrs: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
     """learning rates of the grid, the same for G and D (Table I's rows)"""
-    optimizer: OptimizerName | None = None
-    """one optimiser only (overrides --optimizers)"""
-    lr: float | None = None
-    """one learning rate only (overrides --lrs)"""
-    # method (Appendix C)
+    lr: float = 0.0
+    """one learning rate for every optimiser, in place of --lrs (0: the grid of --lrs)"""
+    penalty: Literal["per-sample", "per-pixel"] = "per-sample"
+    """'per-sample': the paper's GP, norm of ∇D over the image; 'per-pixel': the authors' code, (|∂D/∂x_p| − 1)²"""
+    gp_weight: float = 10.0
+    """penalty weight λ (the paper: 10; the authors' code: 10 × 0.1 = 1)"""
+    g_noise: Literal["fresh", "last-critic"] = "fresh"
+    """generator step on 'fresh' noise (WGAN-GP) or on the last critic step's fake batch, as the authors' code"""
+    dropout: float = 0.3
+    """dropout after each hidden layer of the critic (Table III), active in every critic evaluation"""
+    z_dim: int = 128
+    """noise dimension"""
+    # training
     epochs: int = 300
     """epochs; one epoch = one pass over the real data = ceil(N / batch) generator iterations (469 on MNIST)"""
     batch_size: int = 128
     """real (and fake) images per step"""
-    z_dim: int = 128
-    """noise dimension"""
-    critic_steps: int = 5
+    n_critic: int = 5
     """critic steps per generator step, all on the same real batch with fresh noise"""
-    penalty: Literal["per-sample", "per-pixel"] = "per-sample"
-    """'per-sample': the paper's GP, norm of the gradient over the whole image; 'per-pixel': the authors' code
-    (norm over the channel axis only, i.e. |∂D/∂x| per pixel, averaged)"""
-    gp_lambda: float | None = None
-    """penalty weight (None: 10 for per-sample as in the paper, 1 for per-pixel as in the authors' code)"""
-    dropout: float = 0.3
-    """dropout after each hidden layer of the critic (Table III)"""
+    log_every: int = 50
+    """generator iterations between logged losses (also at every epoch end)"""
     # evaluation
     fid_extractor: Literal["inception", "digits"] = "inception"
     """'inception': standard FID Inception; 'digits': the in-domain digit CNN (offline, fast on a CPU)"""
     fid_samples: int = 1000
-    """generated images and real training images (drawn with replacement) per FID: the paper uses 1,000"""
-    fid_every: int = 50
-    """epochs between FID evaluations (and at the last epoch)"""
+    """generated images and real training images (drawn with replacement) per FID: the paper's 1,000"""
+    fid_epochs: tuple[int, ...] = AUTHORS_FID_EPOCHS
+    """completed epochs after which every cell is scored and sampled (Fig. 3, 4); Table I reads the last one"""
     inception_weights: str | None = None
-    """path of pt_inception-2015-12-05 weights when torch-fidelity cannot download them"""
-    log_every: int = 50
-    """generator iterations between logged losses (also logged at every epoch end)"""
-    # filled at runtime
-    cells: tuple[str, ...] = ()
-    """(filled at runtime) the cell names"""
-
-    def __post_init__(self):
-        if self.optimizer is not None:
-            self.optimizers = (self.optimizer,)
-        if self.lr is not None:
-            self.lrs = (self.lr,)
-        if not self.optimizers or not self.lrs:
-            raise SystemExit("error: the grid is empty: give at least one optimiser and one learning rate")
-        if any(not (lr > 0 and math.isfinite(lr)) for lr in self.lrs):
-            raise SystemExit(f"error: learning rates must be positive and finite, got {self.lrs}")
-        if len(set(self.optimizers)) != len(self.optimizers) or len(set(self.lrs)) != len(self.lrs):
-            raise SystemExit("error: --optimizers and --lrs must not repeat a value")
-        for name, value in (("--batch-size", self.batch_size), ("--epochs", self.epochs), ("--z-dim", self.z_dim),
-                            ("--critic-steps", self.critic_steps), ("--fid-every", self.fid_every),
-                            ("--log-every", self.log_every)):
-            if value <= 0:
-                raise SystemExit(f"error: {name} must be positive, got {value}")
-        if self.num_train is not None and self.num_train <= 0:
-            raise SystemExit(f"error: --num-train must be positive, got {self.num_train}")
-        if not 0 <= self.dropout < 1:
-            raise SystemExit(f"error: --dropout must be in [0, 1), got {self.dropout}")
-        if self.gp_lambda is None:
-            self.gp_lambda = 10.0 if self.penalty == "per-sample" else 1.0
-        if self.gp_lambda < 0:
-            raise SystemExit(f"error: --gp-lambda must be ≥ 0, got {self.gp_lambda}")
-        if self.fid_samples < 2:
-            raise SystemExit(f"error: --fid-samples must be at least 2, got {self.fid_samples}")
-        self.cells = tuple(cell_name(o, lr) for o in self.optimizers for lr in self.lrs)
+    """path of the FID Inception weights when torch-fidelity cannot download them"""
+    # performance
+    threads: int = 0
+    """torch.set_num_threads for the CPU (0: torch's default)"""
+    matmul_precision: Literal["auto", "highest", "high", "medium"] = "auto"
+    """auto: high (TF32) on CUDA, highest on CPU; medium: bf16-backed float32 matmuls on capable CPUs/GPUs;
+    metrics are always computed in full precision"""
 
 
-def cell_name(optimizer: str, lr: float) -> str:
-    return f"{optimizer}_lr{lr:g}"
+PRESETS: dict[str, Args] = {
+    "default": Args(),
+    # Sec. IV and Appendix C as written: Gulrajani et al.'s per-sample penalty, λ = 10 (identical to the default).
+    "paper-gp": replace(Args(), preset="paper-gp"),
+    # Table I as the authors' code (src/training.py) produced it: λ = 10 × lambda_reg 0.1 on the per-pixel norm,
+    # the generator step on the last critic step's fake batch; FID on 1,000 vs 1,000 after AUTHORS_FID_EPOCHS.
+    "table1": replace(Args(), preset="table1", penalty="per-pixel", gp_weight=1.0, g_noise="last-critic"),
+}
+# Table I's regime at CPU scale (about an hour of 2 cores): all 21 cells, 6,400 MNIST images (50 generator
+# iterations an epoch), 6 epochs = 300 generator iterations, digit-CNN FID after every epoch.
+PRESETS["cpu-mini"] = replace(PRESETS["table1"], preset="cpu-mini", num_train=6400, epochs=6,
+                              fid_epochs=(1, 2, 3, 4, 5, 6), fid_extractor="digits", log_every=10)
+
+
+def load_saved_args(run_dir: Path) -> Args:
+    """The Args a run folder was started with (its args.json), with resume = that folder."""
+    try:
+        saved, names = json.loads((run_dir / "args.json").read_text()), {f.name for f in fields(Args)}
+        args = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names})
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise SystemExit(f"error: cannot read {run_dir / 'args.json'} ({type(e).__name__}): --resume takes a run "
+                         "folder written by this script (it holds args.json)") from None
+    return replace(args, resume=str(run_dir))
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """--preset (or --resume's saved args.json) becomes tyro's default, so every other flag overrides it
+    and --help shows the values that will be used."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="default")
+    pre.add_argument("--resume", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.resume is not None:
+        default = load_saved_args(Path(known.resume))
+    elif known.preset in PRESETS:
+        default = PRESETS[known.preset]
+    else:
+        raise SystemExit(f"error: unknown --preset '{known.preset}': choose one of {', '.join(PRESETS)}")
+    return tyro.cli(Args, default=default, args=argv, description=__doc__)
+
+
+def validate(args: Args) -> None:
+    """Every user error, before anything is written: one line naming the flag that fixes it."""
+    for flag, values in (("--lr", [args.lr]), ("--lrs", args.lrs), ("--gp-weight", [args.gp_weight]),
+                         ("--dropout", [args.dropout])):
+        for value in values:
+            if not math.isfinite(value):
+                raise SystemExit(f"error: {flag} is {value}: give a finite number")
+    problems = {f"{flag} is {value}: give a positive number": value < 1 for flag, value in (
+        ("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--z-dim", args.z_dim),
+        ("--n-critic", args.n_critic), ("--log-every", args.log_every))} | {
+        f"--lr is {args.lr}: give a positive learning rate, or 0 to use --lrs": args.lr < 0,
+        f"--lrs is {args.lrs}: give distinct positive learning rates":
+            not args.lrs or min(args.lrs) <= 0 or len(set(args.lrs)) < len(args.lrs),
+        f"--optimizers is {args.optimizers}: name each optimiser once":
+            not args.optimizers or len(set(args.optimizers)) < len(args.optimizers),
+        f"--gp-weight is {args.gp_weight}: give a weight ≥ 0": args.gp_weight < 0,
+        f"--dropout is {args.dropout}: give a probability in [0, 1)": not 0 <= args.dropout < 1,
+        f"--fid-samples is {args.fid_samples}: give at least 2": args.fid_samples < 2,
+        f"--fid-epochs is {args.fid_epochs}: give epochs ≥ 1, at least one of them ≤ --epochs {args.epochs}":
+            min(args.fid_epochs, default=0) < 1 or min(args.fid_epochs) > args.epochs,
+        f"--num-train is {args.num_train}: give a count ≥ 0 (0: all images)": args.num_train < 0,
+        f"--threads is {args.threads}: give a count ≥ 0 (0: torch's default)": args.threads < 0}
+    for problem, bad in problems.items():
+        if bad:
+            raise SystemExit(f"error: {problem}")
 
 
 # ---------------------------------------------------------------- networks (Tables II and III)
@@ -162,12 +206,9 @@ def make_critic(dropout: float = 0.3) -> nn.Sequential:
 def stack_params(module: nn.Module, num_cells: int) -> list[torch.Tensor]:
     """The module's Linear layers as [W1, b1, W2, b2, …] repeated over cells: W as C×in×out (ready for bmm),
     b as C×1×out. Every cell starts from the same weights."""
-    params = []
-    for layer in module.modules():
-        if isinstance(layer, nn.Linear):
-            params += [layer.weight.detach().t().expand(num_cells, -1, -1).clone(),
-                       layer.bias.detach().expand(num_cells, 1, -1).clone()]
-    return [p.requires_grad_(True) for p in params]
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    return [t.detach().expand(num_cells, -1, -1).clone().requires_grad_(True)
+            for layer in linears for t in (layer.weight.t(), layer.bias.view(1, -1))]
 
 
 def load_cell(module: nn.Module, params: list[torch.Tensor], cell: int) -> nn.Module:
@@ -202,50 +243,32 @@ def critic(d_params: list[torch.Tensor], x: torch.Tensor, masks: list[torch.Tens
     return mlp(d_params, x, masks).squeeze(-1)
 
 
-def dropout_masks(uniform: torch.Tensor, p: float, widths: list[int]) -> list[torch.Tensor] | None:
+def dropout_masks(uniform: torch.Tensor, p: float, widths: list[int]) -> list[torch.Tensor]:
     """Inverted-dropout masks (keep with probability 1 − p, scaled by 1/(1 − p)) from uniforms C×B×sum(widths).
     Each cell and each sample gets its own mask, as separate runs would."""
-    if p == 0:
-        return None
     return list(((uniform >= p).to(uniform.dtype) / (1 - p)).split(widths, dim=-1))
 
 
-# ---------------------------------------------------------------- WGAN-GP losses
+# ---------------------------------------------------------------- WGAN-GP
 
-def gradient_penalty(critic_fn: Callable[[torch.Tensor], torch.Tensor], interp: torch.Tensor,
-                     per_pixel: bool) -> torch.Tensor:
+def gradient_penalty(d_params, interp: torch.Tensor, masks, per_pixel: bool) -> torch.Tensor:
     """Per cell: E_x̂[(‖∇_x̂ D(x̂)‖₂ − 1)²] over the batch (Gulrajani et al., eq. 3), or with per_pixel the
-    authors' code: the norm taken over the (size-1) channel axis, i.e. E over samples and pixels of
-    (|∂D/∂x̂_p| − 1)². interp: C×B×784. Returns C values, differentiable w.r.t. the critic's parameters."""
+    authors' code: the norm over the (size-1) channel axis, i.e. E over samples and pixels of (|∂D/∂x̂_p| − 1)².
+    interp: C×B×784. Returns C values, differentiable w.r.t. the critic's parameters."""
     interp = interp.detach().requires_grad_(True)
-    (grad,) = torch.autograd.grad(critic_fn(interp).sum(), interp, create_graph=True)  # rows are independent
+    (grad,) = torch.autograd.grad(critic(d_params, interp, masks).sum(), interp, create_graph=True)  # rows independent
     if per_pixel:
         return ((grad.abs() - 1) ** 2).mean(dim=(1, 2))
     return ((grad.norm(2, dim=-1) - 1) ** 2).mean(dim=1)
 
 
-def critic_losses(d_params, real, fake, eps, pair_masks, interp_masks, gp_lambda: float, per_pixel: bool):
-    """Critic loss per cell: E[D(G(z))] − E[D(x)] + λ·GP (eq. (2) with the sign fixed, plus the penalty).
-    real: 1×B×784 (shared by the cells), fake: C×B×784, eps: C×B×1 uniform. Returns (loss, gp, W estimate)."""
-    num_cells, batch = fake.shape[:2]
-    scores = critic(d_params, torch.cat([real.expand(num_cells, -1, -1), fake], 1), pair_masks)
-    wasserstein = scores[:, :batch].mean(1) - scores[:, batch:].mean(1)
-    interp = eps * real + (1 - eps) * fake                                   # x̂ = εx + (1 − ε)G(z), ε per sample
-    gp = gradient_penalty(lambda x: critic(d_params, x, interp_masks), interp, per_pixel)
-    return -wasserstein + gp_lambda * gp, gp, wasserstein
-
-
-# ---------------------------------------------------------------- optimisers (Appendix B, PyTorch defaults)
-
 class StackedOptimizer:
     """SGD, RMSprop (α = 0.99, ε = 1e-8) and Adam (β = 0.9, 0.999, ε = 1e-8) over stacked parameters, one
-    (optimiser, lr) per cell, as one set of elementwise ops. One rule covers all three:
+    (optimiser, lr) per cell, as one set of elementwise ops (Appendix B, PyTorch's defaults). One rule covers all:
         m ← β1·m + (1 − β1)·g,   v ← β2·v + (1 − β2)·g²,   θ ← θ − (lr / c1)·m / (√v / √c2 + ε)
     SGD: β1 = 0 (m = g), β2 = 1 and ε = 1 (v stays 0: the denominator is exactly 1). RMSprop: β1 = 0, β2 = α,
-    c1 = c2 = 1, ε outside the root as in PyTorch (the appendix's Alg. 2 omits the square on g). Adam:
-    c1 = 1 − β1ᵗ, c2 = 1 − β2ᵗ. The operations and their order follow torch.optim's single-tensor code, so a
-    cell matches it step for step (see the tests). A cell with active = False gets a zero gradient and a zero
-    step: its parameters stay where they were (frozen after divergence)."""
+    c1 = c2 = 1, ε outside the root as in PyTorch. Adam: c1 = 1 − β1ᵗ, c2 = 1 − β2ᵗ. The operations and their
+    order follow torch.optim's single-tensor code, so a cell matches it step for step (see the tests)."""
 
     def __init__(self, params: list[torch.Tensor], names: list[str], lrs: list[float], eps: float = 1e-8):
         f64 = dict(dtype=torch.float64, device=params[0].device)
@@ -260,308 +283,314 @@ class StackedOptimizer:
         self.exp_avg_sq = [torch.zeros_like(p) for p in params]
 
     @torch.no_grad()
-    def step(self, grads: list[torch.Tensor], active: torch.Tensor) -> None:
+    def step(self, grads: list[torch.Tensor], active: torch.Tensor) -> torch.Tensor:
+        """Update the active cells; return those whose gradients, new moments and new weights are all finite. The
+        others keep weights and moments as they were: a diverged cell stays frozen at its last finite state."""
+        finite = active.clone()   # a non-finite gradient makes the new moments non-finite: checked below
         self.step_count += 1
         dtype = self.params[0].dtype
         bias1 = torch.where(self.adam, 1 - self.beta1 ** self.step_count, 1.0)
         bias2_sqrt = torch.where(self.adam, (1 - self.beta2 ** self.step_count).sqrt(), 1.0).to(dtype)
-        neg_step = torch.where(active, -(self.lr / bias1), 0.0).to(dtype)
+        neg_step = torch.where(finite, -(self.lr / bias1), 0.0).to(dtype)
         weight1, beta2, one_minus_beta2 = (1 - self.beta1).to(dtype), self.beta2.to(dtype), (1 - self.beta2).to(dtype)
+        updates = []
         for p, g, m, v in zip(self.params, grads, self.exp_avg, self.exp_avg_sq):
             view = (-1,) + (1,) * (p.dim() - 1)
-            g = torch.where(active.view(view), g, 0.0)
-            m.lerp_(g, weight1.view(view))                                     # PyTorch: exp_avg.lerp_(g, 1 − β1)
-            v.mul_(beta2.view(view)).addcmul_(g * one_minus_beta2.view(view), g)   # v·β2 + ((1 − β2)·g)·g
-            denom = v.sqrt().div_(bias2_sqrt.view(view)).add_(self.eps.view(view))
-            p.addcdiv_(m * neg_step.view(view), denom)                         # θ + (−step·m) / denom
+            g = torch.where(finite.view(view), g, 0.0)
+            m_new = torch.lerp(m, g, weight1.view(view))                          # PyTorch: exp_avg.lerp_(g, 1 − β1)
+            v_new = (v * beta2.view(view)).addcmul_(g * one_minus_beta2.view(view), g)   # v·β2 + ((1 − β2)·g)·g
+            denom = v_new.sqrt().div_(bias2_sqrt.view(view)).add_(self.eps.view(view))
+            p_new = torch.addcdiv(p, m_new * neg_step.view(view), denom)          # θ + (−step·m) / denom
+            for t in (p_new, m_new, v_new):
+                finite &= torch.isfinite(t).flatten(1).all(1)
+            updates.append((p_new, m_new, v_new))
+        for state, new in zip(zip(self.params, self.exp_avg, self.exp_avg_sq), updates):
+            keep = finite.view((-1,) + (1,) * (state[0].dim() - 1))
+            for old, value in zip(state, new):
+                old.copy_(torch.where(keep, value, old))
+        return finite
 
-    def state_dict(self) -> dict:
-        return {"step_count": self.step_count, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step_count.copy_(state["step_count"])
-        for mine, saved in zip(self.exp_avg + self.exp_avg_sq, state["exp_avg"] + state["exp_avg_sq"]):
-            mine.copy_(saved)
-
-
-# ---------------------------------------------------------------- one generator iteration
 
 def train_iteration(g_params, d_params, g_opt: StackedOptimizer, d_opt: StackedOptimizer, real: torch.Tensor,
-                    alive: torch.Tensor, args: Args, randn: Callable, rand: Callable):
-    """critic_steps critic updates on one real batch (fresh noise each), then one generator update, for all
-    cells at once. real: B×784. randn/rand(shape) draw the noise, interpolation weights and dropout uniforms
-    (tests pass recorders). Returns stats 4×C (critic loss, GP, W estimate, G loss) and the new alive mask:
-    a cell whose loss is non-finite skips that update and stays frozen from then on."""
+                    alive: torch.Tensor, args: Args, gen: torch.Generator):
+    """One generator iteration of every cell at once: args.n_critic critic updates on one real batch B×784 (fresh
+    noise each), then one generator update. gen draws the noise, interpolation weights and dropout uniforms.
+    Returns stats 4×C (critic loss, GP, W estimate, G loss) and the alive mask (see StackedOptimizer.step)."""
     num_cells, batch = alive.numel(), len(real)
-    real = real.unsqueeze(0)
+    draw = dict(generator=gen, device=real.device, dtype=real.dtype)
+    real = real.unsqueeze(0).expand(num_cells, -1, -1)                        # every cell sees the same batch
     widths = [p.shape[-1] for p in d_params[0:-2:2]]
-    for _ in range(args.critic_steps):
+    for _ in range(args.n_critic):
+        z = torch.randn(num_cells, batch, args.z_dim, **draw)
         with torch.no_grad():
-            fake = generate(g_params, randn((num_cells, batch, args.z_dim)))
-        uniforms = rand((num_cells, 3 * batch, sum(widths) + 1))
+            fake = generate(g_params, z)
+        uniforms = torch.rand(num_cells, 3 * batch, sum(widths) + 1, **draw)  # dropout: real, fake, x̂; and ε
         masks = dropout_masks(uniforms[..., :-1], args.dropout, widths)
-        pair_masks = None if masks is None else [m[:, :2 * batch] for m in masks]
-        interp_masks = None if masks is None else [m[:, 2 * batch:] for m in masks]
-        loss, gp, wasserstein = critic_losses(d_params, real, fake, uniforms[:, 2 * batch:, -1:], pair_masks,
-                                              interp_masks, args.gp_lambda, args.penalty == "per-pixel")
-        grads = torch.autograd.grad(loss.sum(), d_params)   # cells are independent: the sum keeps each cell's scale
-        alive = alive & torch.isfinite(loss)
-        d_opt.step(grads, alive)
-    fake = generate(g_params, randn((num_cells, batch, args.z_dim)))
-    masks = dropout_masks(rand((num_cells, batch, sum(widths))), args.dropout, widths)
-    g_loss = -critic(d_params, fake, masks).mean(1)                           # min_G −E[D(G(z))]
+        scores = critic(d_params, torch.cat([real, fake], 1), [m[:, :2 * batch] for m in masks])
+        wasserstein = scores[:, :batch].mean(1) - scores[:, batch:].mean(1)   # eq. (2): E[D(x)] − E[D(G(z))]
+        eps = uniforms[:, 2 * batch:, -1:]
+        interp = eps * real + (1 - eps) * fake                                # x̂ = εx + (1 − ε)G(z), ε per sample
+        gp = gradient_penalty(d_params, interp, [m[:, 2 * batch:] for m in masks], args.penalty == "per-pixel")
+        loss = -wasserstein + args.gp_weight * gp                             # the critic maximises W − λ·GP
+        grads = torch.autograd.grad(loss.sum(), d_params)     # cells are independent: the sum keeps each one's scale
+        alive = d_opt.step(grads, alive & torch.isfinite(loss))
+    if args.g_noise == "fresh":
+        z = torch.randn(num_cells, batch, args.z_dim, **draw)
+    masks = dropout_masks(torch.rand(num_cells, batch, sum(widths), **draw), args.dropout, widths)
+    g_loss = -critic(d_params, generate(g_params, z), masks).mean(1)          # min_G −E[D(G(z))]
     grads = torch.autograd.grad(g_loss.sum(), g_params)
-    alive = alive & torch.isfinite(g_loss)
-    g_opt.step(grads, alive)
+    alive = g_opt.step(grads, alive & torch.isfinite(g_loss))
     return torch.stack([loss, gp, wasserstein, g_loss]).detach(), alive
 
 
-@torch.no_grad()
-def generate_images(g_params, noise: torch.Tensor, chunk: int = 500) -> torch.Tensor:
-    """Images of every cell for a fixed noise N×z_dim: C×N×1×28×28 floats in [-1, 1]."""
-    out = [generate(g_params, noise[i:i + chunk].unsqueeze(0).expand(len(g_params[0]), -1, -1))
-           for i in range(0, len(noise), chunk)]
-    return torch.cat(out, 1).view(len(g_params[0]), len(noise), 1, 28, 28)
+# ---------------------------------------------------------------- tables and figures (from results.json dicts)
+
+def fid_text(cell: dict, epoch: int | None = None) -> str:
+    """A cell's FID after `epoch` (None: its last one, Table I); N/A once it has diverged, — if not evaluated."""
+    scores = [m["fid"] for m in cell["metrics"] if epoch in (None, m["epoch"])]
+    if cell["status"] == "diverged" and (epoch is None or not scores):
+        return "N/A"
+    return f"{scores[-1]:.2f}" if scores else "—"
 
 
-def top_level_op_counts(prof) -> Counter:
-    """Operator calls a profiled region issued itself: aten ops not nested inside another aten op."""
-    counts = Counter()
-    for event in prof.events():
-        parent = event.cpu_parent
-        while parent is not None and not parent.name.startswith("aten::"):
-            parent = parent.cpu_parent
-        if event.name.startswith("aten::") and parent is None:
-            counts[event.name] += 1
-    return counts
+def summarize(results: list[dict]) -> str:
+    """Table I (rows lr, columns optimiser, FID at each cell's last evaluation, N/A = diverged) and every cell's
+    FID after each evaluated epoch, as Markdown, from the results.json dicts of one or more runs."""
+    cells = {name: cell for r in results for name, cell in r["cells"].items()}
+    optimizers = list(dict.fromkeys(c["optimizer"] for c in cells.values()))
+    epochs = sorted({m["epoch"] for c in cells.values() for m in c["metrics"]})
+    sources = sorted({f"{m['extractor']}, {m['num_real']} real / {m['num_fake']} fake"
+                      for c in cells.values() for m in c["metrics"]})
+    lines = [f"FID [{'; '.join(sources) or 'not evaluated'}] at each cell's last evaluation (epoch "
+             f"{max(epochs, default='—')}), lower is better; N/A = diverged\n",
+             "| learning rate | " + " | ".join({"sgd": "SGD", "rmsprop": "RMSprop", "adam": "Adam"}[o]
+                                             for o in optimizers) + " |", "|---" * (len(optimizers) + 1) + "|"]
+    by_key = {(c["optimizer"], c["lr"]): c for c in cells.values()}
+    lines += [f"| {lr:g} | " + " | ".join(fid_text(by_key[o, lr]) if (o, lr) in by_key else "" for o in optimizers)
+              + " |" for lr in dict.fromkeys(c["lr"] for c in cells.values())]
+    lines += ["", "FID after each evaluated epoch\n", "| cell | diverged at G-iteration | "
+              + " | ".join(f"epoch {e}" for e in epochs) + " |", "|---" * (len(epochs) + 2) + "|"]
+    lines += [f"| {name} | {cell['diverged_at_iteration'] or ''} | " + " | ".join(fid_text(cell, e) for e in epochs)
+              + " |" for name, cell in cells.items()]
+    return "\n".join(lines) + "\n"
 
 
-# ---------------------------------------------------------------- outputs
-
-def write_table(path_stem: Path, optimizers, lrs, final_fid: dict, fid_name: str) -> str:
-    """Table I as CSV and Markdown: rows = lr, columns = optimisers, 'N/A' for diverged cells."""
-    def fmt(name):
-        value = final_fid.get(name)
-        return "N/A" if value is None else f"{value:.2f}"
-    rows = [[f"{lr:g}"] + [fmt(cell_name(o, lr)) for o in optimizers] for lr in lrs]
-    with open(path_stem.with_suffix(".csv"), "w", newline="") as f:
-        csv.writer(f).writerows([["learning_rate", *optimizers], *rows])
-    header = ["learning rate", *[{"sgd": "SGD", "rmsprop": "RMSprop", "adam": "Adam"}[o] for o in optimizers]]
-    markdown = "\n".join([f"FID ({fid_name}, lower is better; N/A = diverged)\n",
-                          "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-                          *["| " + " | ".join(r) + " |" for r in rows]]) + "\n"
-    path_stem.with_suffix(".md").write_text(markdown)
-    return markdown
-
-
-def plot_fid_curves(path: Path, optimizers, lrs, history: dict, fid_name: str) -> None:
-    """Fig. 4: FID against epoch, one panel per optimiser, one line per learning rate."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(optimizers), figsize=(4.2 * len(optimizers), 3.4), squeeze=False)
-    for ax, opt in zip(axes[0], optimizers):
-        for lr in lrs:
-            points = [(e, f) for e, f in history[cell_name(opt, lr)] if f is not None]
-            if points:
-                ax.plot(*zip(*points), marker="o", label=f"lr {lr:g}")
-        ax.set(title=opt, xlabel="epoch", ylabel="FID")
-        ax.legend(fontsize=7)
-    fig.suptitle(fid_name, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+def write_figures(run_dir: Path, results: dict, sample_epochs: list[int], samples: list[torch.Tensor]) -> None:
+    """fig1_losses.png (Fig. 1): critic and generator loss against the generator iteration, one panel per cell
+    (rows: optimisers, columns: lrs). fig4_fid.png (Fig. 4): FID against epoch, one panel per optimiser.
+    fig3_samples.png (Fig. 3): fixed-noise samples of every cell (rows) after each evaluated epoch (columns),
+    titled with that FID; samples[k] holds C×S×1×28×28 uint8 images of every cell after sample_epochs[k]."""
+    from matplotlib.figure import Figure   # no pyplot: nothing global to close, no display backend
+    from torchvision.utils import make_grid
+    cells = results["cells"]
+    optimizers, lrs = (list(dict.fromkeys(c[k] for c in cells.values())) for k in ("optimizer", "lr"))
+    fig1 = Figure(figsize=(2.6 * len(lrs), 2 * len(optimizers) + 0.4), layout="tight")
+    fig4 = Figure(figsize=(4.2 * len(optimizers), 3.4), layout="tight")
+    axes1, axes4 = (fig.subplots(*shape, squeeze=False) for fig, shape in
+                    ((fig1, (len(optimizers), len(lrs))), (fig4, (1, len(optimizers)))))
+    for name, cell in cells.items():
+        row = optimizers.index(cell["optimizer"])
+        ax = axes1[row, lrs.index(cell["lr"])]
+        for key, label in (("d_loss", "D"), ("g_loss", "G")):
+            ax.plot(cell["losses"]["iteration"], cell["losses"][key], lw=0.8, label=label)
+        ax.set_title(name + (f", N/A at {cell['diverged_at_iteration']}" if cell["status"] == "diverged" else ""),
+                     fontsize=8)
+        epochs, fids = zip(*[(m["epoch"], m["fid"]) for m in cell["metrics"]]) if cell["metrics"] else ((), ())
+        axes4[0, row].plot(epochs, fids, "o-", label=f"lr {cell['lr']:g}")
+        axes4[0, row].set(title=cell["optimizer"], xlabel="epoch", ylabel="FID")
+        axes4[0, row].legend(fontsize=7)
+    axes1[0, 0].legend(fontsize=6)
+    fig1.savefig(run_dir / "fig1_losses.png", dpi=100)
+    fig4.savefig(run_dir / "fig4_fid.png", dpi=100)
+    fig3 = Figure(figsize=(1.9 * len(samples), 0.75 * len(cells) + 0.4), layout="tight")
+    for i, (name, cell) in enumerate(cells.items()):
+        for k, (epoch, images) in enumerate(zip(sample_epochs, samples)):
+            ax = fig3.add_subplot(len(cells), len(samples), i * len(samples) + k + 1, xticks=[], yticks=[])
+            ax.imshow(make_grid(images[i], nrow=images.shape[1], padding=1, pad_value=255)[0], cmap="gray")
+            ax.set_title(f"{name}, epoch {epoch}: {fid_text(cell, epoch)}", fontsize=6)
+    if samples:
+        fig3.savefig(run_dir / "fig3_samples.png", dpi=100)
 
 
 def save_atomic(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
+    """torch.save or a str (written as text) to a temporary file, then renamed: never a half-written file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    if isinstance(obj, str):
+        tmp.write_text(obj)
+    else:
+        torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
-if __name__ == "__main__":
-    import torchvision.utils as vutils
-    from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
-
-    args = tyro.cli(Args)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+def main() -> None:
+    args = parse_args()
+    validate(args)
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.deterministic = args.torch_deterministic
-    names, num_cells = list(args.cells), len(args.cells)
-    cell_opts = [o for o in args.optimizers for _ in args.lrs]
-    cell_lrs = [lr for _ in args.optimizers for lr in args.lrs]
+    if args.threads > 0: torch.set_num_threads(args.threads)  # noqa: E701
+    torch.set_float32_matmul_precision({"auto": "high" if device.type == "cuda" else "highest"}.get(args.matmul_precision, args.matmul_precision))
+    torch.backends.cudnn.allow_tf32 = torch.get_float32_matmul_precision() != "highest"
+    lrs = (args.lr,) if args.lr > 0 else args.lrs
+    cell_opts, cell_lrs = [o for o in args.optimizers for _ in lrs], [lr for _ in args.optimizers for lr in lrs]
+    names = [f"{o}_{lr:g}" for o, lr in zip(cell_opts, cell_lrs)]     # cell names, e.g. adam_0.0001
+    num_cells = len(names)
 
-    checkpoint = None
+    # the run folder: a new one (never an existing non-empty one), or the resumed one with its checkpoint
+    run_name = args.run_name or (f"{args.dataset}__{Path(__file__).stem}__{args.seed}__"
+                                 f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}")
+    run_dir, checkpoint = Path(args.resume or Path(args.output_dir) / run_name), None
+    if args.resume is None and run_dir.exists() and any(run_dir.iterdir()):
+        raise SystemExit(f"error: {run_dir} already exists: choose another --run-name, or continue it with "
+                         f"--resume {run_dir}")
     if args.resume is not None:
-        if not Path(args.resume).is_file():
-            raise SystemExit(f"error: --resume: no checkpoint at '{args.resume}' (runs write "
-                             "runs/<run>/checkpoint.pt with --save-model)")
-        checkpoint = torch.load(args.resume, map_location=device, weights_only=True)
-        if checkpoint["cells"] != names:
-            raise SystemExit(f"error: the checkpoint holds the grid {checkpoint['cells']}, not {names}: "
-                             "pass the same --optimizers/--lrs")
-        run_dir = Path(args.resume).parent
-        run_name = run_dir.name
-    else:
-        run_name = args.run_name or f"{args.dataset}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        run_dir = Path(args.output_dir) / run_name
-    (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        if not (run_dir / "checkpoint.pt").is_file():
+            raise SystemExit(f"error: {run_dir} has no checkpoint.pt: only runs started with --save-model can be "
+                             "resumed")
+        try:
+            checkpoint = torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=True)
+        except Exception as e:
+            raise SystemExit(f"error: {run_dir / 'checkpoint.pt'} is not a readable checkpoint ({type(e).__name__}): "
+                             "start a new run instead of --resume") from None
+        if not isinstance(checkpoint, dict) or checkpoint.get("cells") != names or "opt_state" not in checkpoint:
+            raise SystemExit(f"error: {run_dir / 'checkpoint.pt'} does not hold this script's grid {names}: resume it "
+                             "without --optimizers/--lrs/--lr, or start a new run")
 
-    # data: 28×28 grey in [-1, 1], flattened, on the device; batches by index
-    data = load_dataset(args.dataset, "train", image_size=28, root=args.data_root, num_samples=args.num_train)
-    if data.x.shape[1] != 1:
-        raise SystemExit(f"error: the MLPs take 1×28×28 images, '{args.dataset}' has {data.x.shape[1]} channels")
-    real_data = to_float(data.x.to(device)).flatten(1)
-    batches = Batches(real_data, batch_size=args.batch_size, drop_last=False,
+    # data (uint8 on the device, each batch converted to [-1, 1] when drawn) and the FID's real statistics, both
+    # before the folder is created, so that a failure leaves nothing behind
+    data = load_dataset(args.dataset, "train", image_size=28, root=args.data_root, num_samples=args.num_train or None)
+    batches = Batches(data.x.to(device).flatten(1), batch_size=args.batch_size, drop_last=False,
                       generator=torch.Generator(device).manual_seed(args.seed))
     fid = FID(data.x, extractor=args.fid_extractor, num_samples=args.fid_samples, root=args.data_root,
               inception_weights=args.inception_weights, device=device, dataset=args.dataset, seed=args.seed,
               replace=True)
     eval_noise = torch.randn(args.fid_samples, args.z_dim, device=device,
                              generator=torch.Generator(device).manual_seed(args.seed + 1))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_atomic(json.dumps(asdict(args), indent=2), run_dir / "args.json")
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("error: --track needs Weights & Biases: pip install wandb, or drop --track") from None
+        wandb.init(project=args.wandb_project_name, name=run_dir.name, config=asdict(args), sync_tensorboard=True,
+                   dir=str(run_dir), resume="allow", id=run_dir.name)
 
-    # models: every cell starts from the same PyTorch-default initialisation
+    # models: every cell starts from the same PyTorch-default initialisation, then follows its own optimiser
     torch.manual_seed(args.seed)
-    g_params = stack_params(make_generator(args.z_dim), num_cells)
-    d_params = stack_params(make_critic(args.dropout), num_cells)
-    g_params, d_params = [p.detach().to(device).requires_grad_(True) for p in g_params], \
-        [p.detach().to(device).requires_grad_(True) for p in d_params]
+    g_params, d_params = ([p.detach().to(device).requires_grad_(True) for p in stack_params(net, num_cells)]
+                          for net in (make_generator(args.z_dim), make_critic(args.dropout)))
     g_opt, d_opt = StackedOptimizer(g_params, cell_opts, cell_lrs), StackedOptimizer(d_params, cell_opts, cell_lrs)
+    opt_state = [t for opt in (g_opt, d_opt) for t in (opt.step_count, *opt.exp_avg, *opt.exp_avg_sq)]
     noise_rng = torch.Generator(device).manual_seed(args.seed + 2)
     alive = torch.ones(num_cells, dtype=torch.bool, device=device)
-    diverged_at = torch.full((num_cells,), -1, dtype=torch.long, device=device)
-    fid_history = {n: [] for n in names}      # cell → [(epoch, FID or None)]
-    loss_history = {n: [] for n in names}     # cell → [(epoch, critic loss, GP, W, G loss)] epoch means
-    start = 0
+    diverged_at = torch.zeros(num_cells, dtype=torch.long, device=device)     # generator iteration, 0 = alive
+    window, window_n, done = torch.zeros(4, num_cells, device=device), 0, 0   # loss sums since the last log
+    loss_history: list[list] = []     # [iteration, 4×C window means (LOSS_KEYS), alive mask] per log point
+    metric_history: list[list] = []   # [epoch, iteration, C metric dicts (None for a diverged cell)]
+    samples: list[torch.Tensor] = []  # Fig. 3: 6 fixed-noise samples of every cell (uint8) at each evaluation
     if checkpoint is not None:
         with torch.no_grad():
-            for p, saved in zip(g_params + d_params, checkpoint["g_params"] + checkpoint["d_params"]):
-                p.copy_(saved)
-        g_opt.load_state_dict(checkpoint["g_opt"])
-        d_opt.load_state_dict(checkpoint["d_opt"])
+            for mine, saved in zip(g_params + d_params + opt_state,
+                                   checkpoint["g_params"] + checkpoint["d_params"] + checkpoint["opt_state"]):
+                mine.copy_(saved)
         batches.load_state_dict(checkpoint["batches"])
         noise_rng.set_state(checkpoint["noise_rng"].cpu())
-        alive, diverged_at = checkpoint["alive"], checkpoint["diverged_at"]
-        fid_history, loss_history = json.loads(checkpoint["fid_history"]), json.loads(checkpoint["loss_history"])
-        start = checkpoint["iteration"]
+        torch.set_rng_state(checkpoint["torch_rng"].cpu())
+        alive, diverged_at, window, window_n, done, loss_history, metric_history, samples = (
+            checkpoint[k] for k in ("alive", "diverged_at", "window", "window_n", "iteration", "loss_history",
+                                    "metric_history", "samples"))
 
-    def randn(shape):
-        return torch.randn(shape, device=device, generator=noise_rng)
-
-    def rand(shape):
-        return torch.rand(shape, device=device, generator=noise_rng)
-
-    writer = SummaryWriter(str(run_dir), purge_step=start if checkpoint is not None else None)
-    if checkpoint is None:
+    writer = SummaryWriter(str(run_dir), purge_step=done or None)
+    if done == 0:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                         "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
     per_epoch = batches.steps_per_epoch
-    total = args.epochs * per_epoch
-    print(f"{num_cells} cells × {args.epochs} epochs × {per_epoch} generator iterations on {device}; {fid.name}")
-
-    def save_checkpoint(iteration: int) -> None:
-        save_atomic({"cells": names, "iteration": iteration, "g_params": [p.detach() for p in g_params],
-                     "d_params": [p.detach() for p in d_params], "g_opt": g_opt.state_dict(),
-                     "d_opt": d_opt.state_dict(), "batches": batches.state_dict(), "noise_rng": noise_rng.get_state(),
-                     "alive": alive, "diverged_at": diverged_at, "fid_history": json.dumps(fid_history),
-                     "loss_history": json.dumps(loss_history), "args": json.dumps(asdict(args))},
-                    run_dir / "checkpoint.pt")
-
-    window, epoch_sum = torch.zeros(4, num_cells, device=device), torch.zeros(4, num_cells, device=device)
-    window_n, done, t_start, t_window = 0, start, time.time(), time.time()
-    bar = tqdm(range(start, total), initial=start, total=total, unit="it", dynamic_ncols=True)
-    try:
-        for iteration in bar:
-            (real,) = batches.next()
-            before = alive
-            stats, alive = train_iteration(g_params, d_params, g_opt, d_opt, real, alive, args, randn, rand)
-            diverged_at = torch.where(before & ~alive, iteration, diverged_at)
-            done = iteration + 1
-            window += stats
-            epoch_sum += stats
-            window_n += 1
-            epoch_end = (iteration + 1) % per_epoch == 0
-            if (iteration + 1) % args.log_every == 0 or epoch_end:
-                means, alive_now = (window / window_n).cpu(), alive.cpu()
-                speed = window_n / (time.time() - t_window)
-                for c, name in enumerate(names):
-                    if alive_now[c]:
-                        for k, tag in enumerate(("critic_loss", "gradient_penalty", "wasserstein", "g_loss")):
-                            writer.add_scalar(f"losses/{tag}/{name}", means[k, c].item(), iteration + 1)
-                writer.add_scalar("charts/generator_iterations_per_sec", speed, iteration + 1)
-                writer.add_scalar("charts/alive_cells", int(alive_now.sum()), iteration + 1)
-                best = means[3][alive_now]
-                bar.set_postfix(alive=f"{int(alive_now.sum())}/{num_cells}", it_s=f"{speed:.2f}",
-                                g_loss=f"{best.mean().item():.3g}" if len(best) else "nan")
-                window.zero_()
-                window_n, t_window = 0, time.time()
-                if not alive_now.any():
-                    print("every cell has diverged; stopping")
-                    break
-            if not epoch_end:
-                continue
-            epoch = (iteration + 1) // per_epoch
-            means, alive_now = (epoch_sum / per_epoch).cpu(), alive.cpu()
-            epoch_sum.zero_()
-            for c, name in enumerate(names):
-                loss_history[name].append([epoch] + (means[:, c].tolist() if alive_now[c] else [None] * 4))
-            if epoch % args.fid_every == 0 or epoch == args.epochs:
-                images = generate_images(g_params, eval_noise)
-                for c, name in enumerate(names):
-                    score = fid(images[c]) if alive_now[c] else None
-                    fid_history[name].append([epoch, score])
-                    if score is not None:
-                        writer.add_scalar(f"eval/fid/{name}", score, epoch)
-                        writer.add_image(f"samples/{name}", vutils.make_grid(images[c, :64], nrow=8, normalize=True,
-                                                                             value_range=(-1, 1)), epoch)
-                tqdm.write(f"epoch {epoch}: FID " + ", ".join(
-                    f"{n} {'N/A' if s is None else f'{s:.1f}'}" for n, (_, s) in
-                    ((n, fid_history[n][-1]) for n in names)))
-                if args.save_model:
-                    save_checkpoint(iteration + 1)
-    except KeyboardInterrupt:
-        print("interrupted: writing the results so far" + (" (the last checkpoint is kept)" if args.save_model else ""))
-    finally:
-        writer.flush()
+    total, last = args.epochs * per_epoch, done >= args.epochs * per_epoch
+    stop = threading.Event()   # set by Ctrl-C/SIGTERM; the loop stops at the next step boundary
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"training {num_cells} cells, {args.epochs} epochs × {per_epoch} generator iterations, {device}; {run_dir}",
+          flush=True)
+    bar = tqdm(initial=done, total=total, unit="it", dynamic_ncols=True, disable=not sys.stdout.isatty())
+    t_window = time.time()
+    while not last:
+        # Every (optimiser, lr) cell takes the same WGAN-GP iteration on the same real batch: n_critic critic steps
+        # with the gradient penalty, then one generator step, each cell with its own update rule and step size.
+        # A cell whose loss, gradients or new weights are not finite is frozen and counts as diverged (N/A).
+        (real,) = batches.next()
+        stats, now_alive = train_iteration(g_params, d_params, g_opt, d_opt, to_float(real), alive, args, noise_rng)
+        done += 1
+        diverged_at = torch.where(alive & ~now_alive, done, diverged_at)
+        alive, window, window_n = now_alive, window + stats, window_n + 1
+        bar.update()
+        epoch_end = done % per_epoch == 0
+        evaluate = epoch_end and done // per_epoch in args.fid_epochs
+        last = done == total or stop.is_set()
+        if done % args.log_every == 0 or epoch_end:   # window means: one host sync per log point
+            means, alive_now = (window / window_n).cpu(), alive.cpu()
+            loss_history.append([done, means.tolist(), alive_now.tolist()])
+            for c in alive_now.nonzero().flatten().tolist():
+                for k, key in enumerate(LOSS_KEYS):
+                    writer.add_scalar(f"losses/{key}/{names[c]}", means[k, c].item(), done)
+            writer.add_scalar("charts/SPS", window_n / (time.time() - t_window), done)
+            window, window_n, t_window = torch.zeros_like(window), 0, time.time()
+            last = last or not alive_now.any()
+        if evaluate:
+            # FID of every alive cell on the fixed noise (Table I, Fig. 4) and a few samples (Fig. 3)
+            epoch, alive_now = done // per_epoch, alive.cpu()
+            with full_precision(), torch.no_grad():   # every cell's images of the same fixed noise: C×N×1×28×28
+                images = generate(g_params, eval_noise.expand(num_cells, -1, -1)).view(num_cells, -1, 1, 28, 28)
+                metrics = [fid.evaluate(images[c]) if alive_now[c] else None for c in range(num_cells)]
+            metric_history.append([epoch, done, metrics])
+            samples.append(to_uint8(images[:, :6]).cpu())
+            for name, m in zip(names, metrics):
+                for tag, key in EVAL_TAGS.items():
+                    if m is not None and key in m:
+                        writer.add_scalar(f"eval/{tag}/{name}", m[key], epoch)
+            tqdm.write(f"epoch {epoch}: FID " + ", ".join(n + (" N/A" if m is None else f" {m['fid']:.1f}")
+                                                          for n, m in zip(names, metrics)))
+        if args.save_model and (evaluate or last):
+            save_atomic({"cells": names, "iteration": done, "g_params": [p.detach() for p in g_params],
+                         "d_params": [p.detach() for p in d_params], "opt_state": opt_state,
+                         "batches": batches.state_dict(),
+                         "noise_rng": noise_rng.get_state(), "torch_rng": torch.get_rng_state(), "alive": alive,
+                         "diverged_at": diverged_at, "window": window, "window_n": window_n,
+                         "loss_history": loss_history, "metric_history": metric_history,
+                         "samples": samples}, run_dir / "checkpoint.pt")
     bar.close()
 
-    # outputs: Table I, Fig. 4, a sample grid per cell, results files, per-cell weights
+    # outputs: results.json, read back for Table I (summarize); Fig. 1, 3 and 4 as PNG files
     alive_now, diverged_at = alive.cpu(), diverged_at.cpu()
-    images = generate_images(g_params, eval_noise[:64]).cpu()
+    status = "diverged" if not alive_now.any() else "interrupted" if done < total else "finished"
+    cells = {}
     for c, name in enumerate(names):
-        vutils.save_image(to_uint8(images[c]).float() / 255, run_dir / "samples" / f"{name}.png", nrow=8)
-    final_fid = {n: (fid_history[n][-1][1] if fid_history[n] and alive_now[c] else None)
-                 for c, n in enumerate(names)}
-    table = write_table(run_dir / "table1", args.optimizers, args.lrs, final_fid, fid.name)
-    plot_fid_curves(run_dir / "fid_curves.png", args.optimizers, args.lrs, fid_history, fid.name)
-    results = {"paper": "Hosgood, Sergeev, Moussaif: optimiser study for WGAN-GP (Table I)", "fid": fid.name,
-               "fid_extractor": fid.extractor_name, "fid_samples": args.fid_samples, "device": str(device),
-               "epochs_completed": len(next(iter(loss_history.values()))), "iterations_per_epoch": per_epoch,
-               "iterations": done, "wall_time_s": round(time.time() - t_start, 1),
-               "args": asdict(args), "cells": {}}
-    for c, name in enumerate(names):
-        last = next((row for row in reversed(loss_history[name]) if row[1] is not None), None)
-        results["cells"][name] = {
-            "optimizer": cell_opts[c], "lr": cell_lrs[c], "diverged": not bool(alive_now[c]),
-            "diverged_at_iteration": None if alive_now[c] else int(diverged_at[c]), "final_fid": final_fid[name],
-            "fid_history": fid_history[name], "loss_history": loss_history[name],
-            "final_losses": None if last is None else dict(zip(("epoch", "critic_loss", "gradient_penalty",
-                                                                 "wasserstein", "g_loss"), last))}
-    (run_dir / "results.json").write_text(json.dumps(results, indent=1))
-    (run_dir / "results.md").write_text(
-        f"# {run_name}\n\n{results['epochs_completed']} epochs × {per_epoch} generator iterations, "
-        f"penalty {args.penalty} (λ = {args.gp_lambda}), {device}, {results['wall_time_s']} s\n\n{table}")
-    if args.save_model:
-        (run_dir / "models").mkdir(exist_ok=True)
-        for c, name in enumerate(names):
-            torch.save({"generator": load_cell(make_generator(args.z_dim), g_params, c).state_dict(),
-                        "critic": load_cell(make_critic(args.dropout), d_params, c).state_dict(),
-                        "optimizer": cell_opts[c], "lr": cell_lrs[c], "diverged": not bool(alive_now[c])},
-                       run_dir / "models" / f"{name}.pt")
+        logged = [(it, means) for it, means, alive_then in loss_history if alive_then[c]]
+        cells[name] = {"optimizer": cell_opts[c], "lr": cell_lrs[c], "status": status if alive_now[c] else "diverged",
+                       "diverged_at_iteration": int(diverged_at[c]) or None,
+                       "metrics": [{"epoch": e, "iteration": it, **ms[c]} for e, it, ms in metric_history if ms[c]],
+                       "losses": {"iteration": [it for it, _ in logged],
+                                  **{key: [means[k][c] for _, means in logged] for k, key in enumerate(LOSS_KEYS)}}}
+    save_atomic(json.dumps({"status": status, "script": Path(__file__).name, "run_name": run_dir.name,
+                            "device": str(device), "iterations": done, "iterations_per_epoch": per_epoch,
+                            "args": asdict(args), "cells": cells}, indent=1), run_dir / "results.json")
+    results = json.loads((run_dir / "results.json").read_text())
+    table = summarize([results])
+    save_atomic(table, run_dir / "table1.md")
+    resume_hint = (f"continue with: python {Path(__file__).name} --resume {run_dir}" if args.save_model else
+                   "no checkpoint (only runs started with --save-model can be resumed)")
+    note = {"finished": "", "diverged": "**diverged**: every cell diverged\n\n",
+            "interrupted": f"**interrupted** after {done} of {total} generator iterations; {resume_hint}\n\n"}[status]
+    save_atomic(f"{note}# {run_dir.name}\n\n{done} generator iterations ({per_epoch} an epoch), {args.penalty} "
+                f"penalty λ = {args.gp_weight}, {device}\n\n{table}", run_dir / "results.md")
+    write_figures(run_dir, results, [epoch for epoch, _, _ in metric_history], samples)
     writer.close()
-    print(table)
-    print(f"wrote {run_dir}")
+    print(f"interrupted after {done}/{total} generator iterations: results in {run_dir}; {resume_hint}"
+          if status == "interrupted" else f"{table}\n{note}wrote {run_dir}")
+    sys.exit({"interrupted": 130, "diverged": 3}.get(status, 0))   # 3: done, every cell diverged
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:   # Ctrl-C before the training loop's handler was installed
+        print("interrupted before training began", file=sys.stderr)
+        sys.exit(130)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from wgan_optimizer_study import (Args, StackedOptimizer, make_critic, make_generator, stack_params,  # noqa: E402
-                                  top_level_op_counts, train_iteration)
+                                  train_iteration)
 
 
 @dataclass
@@ -37,18 +38,30 @@ class BenchArgs:
     """untimed iterations first"""
     batch_size: int = 128
     """real images per step (the paper: 128)"""
-    critic_steps: int = 5
+    n_critic: int = 5
     """critic steps per generator step (the paper: 5)"""
     cuda: bool = True
     """use CUDA when available"""
-    threads: int | None = None
-    """torch.set_num_threads (None: PyTorch's default)"""
+    threads: int = 0
+    """torch.set_num_threads (0: PyTorch's default)"""
     baseline: bool = True
     """also time one cell written the usual way (nn.Sequential, torch.optim.Adam, autograd GP)"""
 
 
+def top_level_op_counts(prof) -> Counter:
+    """Operator calls a profiled region issued itself: aten ops not nested inside another aten op."""
+    counts = Counter()
+    for event in prof.events():
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        if event.name.startswith("aten::") and parent is None:
+            counts[event.name] += 1
+    return counts
+
+
 def measure(bench: BenchArgs, num_cells: int, device: torch.device) -> dict:
-    args = Args(dataset="fake", batch_size=bench.batch_size, critic_steps=bench.critic_steps)
+    args = Args(dataset="fake", batch_size=bench.batch_size, n_critic=bench.n_critic)
     torch.manual_seed(0)
     g_params = [p.detach().to(device).requires_grad_(True) for p in stack_params(make_generator(), num_cells)]
     d_params = [p.detach().to(device).requires_grad_(True) for p in stack_params(make_critic(), num_cells)]
@@ -59,15 +72,9 @@ def measure(bench: BenchArgs, num_cells: int, device: torch.device) -> dict:
     data = torch.rand(4 * bench.batch_size, 784, device=device, generator=gen) * 2 - 1
     alive = torch.ones(num_cells, dtype=torch.bool, device=device)
 
-    def randn(shape):
-        return torch.randn(shape, device=device, generator=gen)
-
-    def rand(shape):
-        return torch.rand(shape, device=device, generator=gen)
-
     def step():
         real = data[torch.randint(len(data), (bench.batch_size,), device=device, generator=gen)]
-        return train_iteration(g_params, d_params, g_opt, d_opt, real, alive, args, randn, rand)
+        return train_iteration(g_params, d_params, g_opt, d_opt, real, alive, args, gen)
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step()
@@ -100,7 +107,7 @@ def measure_plain(bench: BenchArgs, device: torch.device) -> float:
                 torch.cuda.synchronize()
             start = time.perf_counter()
         real = data[torch.randint(len(data), (B,), device=device)]
-        for _ in range(bench.critic_steps):
+        for _ in range(bench.n_critic):
             fake = G(torch.randn(B, 128, device=device)).flatten(1).detach()
             eps = torch.rand(B, 1, device=device)
             interp = (eps * real + (1 - eps) * fake).requires_grad_(True)
@@ -119,13 +126,13 @@ def measure_plain(bench: BenchArgs, device: torch.device) -> float:
 
 if __name__ == "__main__":
     bench = tyro.cli(BenchArgs)
-    if bench.threads is not None:
+    if bench.threads > 0:
         torch.set_num_threads(bench.threads)
     device = torch.device("cuda" if bench.cuda and torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"
-    print(f"device: {name}; batch {bench.batch_size}, {bench.critic_steps} critic steps per generator iteration")
+    print(f"device: {name}; batch {bench.batch_size}, {bench.n_critic} critic steps per generator iteration")
     print(f"{'cells':>5} {'G-iter/s':>9} {'cell-iter/s':>11} {'s/G-iter':>9} {'peak MiB':>9} {'op calls/iter':>13}")
     if bench.baseline:
         it_s = measure_plain(bench, device)
