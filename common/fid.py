@@ -74,12 +74,41 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     covariances (fewer samples than features)."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
-    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    root1 = psd_sqrt(sigma1)
     middle = root1 @ sigma2 @ root1
     trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+
+
+def psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric PSD matrix (eigenvalues clipped at 0)."""
+    w, v = np.linalg.eigh((sigma + sigma.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance_from_features(features, mu2, sigma2, sqrt_sigma2: np.ndarray | None = None) -> float:
+    """`frechet_distance(*feature_stats(features), mu2, sigma2)` without forming a d×d eigenproblem when there
+    are fewer samples than features: with A the centred n×d features, Σ1 = AᵀA/(n−1) and the nonzero eigenvalues
+    of Σ2^½ Σ1 Σ2^½ = BᵀB/(n−1) (B = A Σ2^½) are those of B Bᵀ/(n−1) = A Σ2 Aᵀ/(n−1), an n×n matrix. With n ≥ d
+    it is the d×d path, reusing `sqrt_sigma2` (the fixed real statistics' root) when given."""
+    f = np.asarray(features.detach().cpu() if torch.is_tensor(features) else features, dtype=np.float64)
+    if f.ndim != 2 or len(f) < 2:
+        raise ValueError(f"need an N×F feature matrix with N ≥ 2, got shape {f.shape}")
+    n, d = f.shape
+    mu1 = f.mean(0)
+    a = f - mu1
+    if n - 1 < d:
+        middle = a @ sigma2 @ a.T / (n - 1)
+        trace1 = float((a * a).sum()) / (n - 1)
+    else:
+        root2 = psd_sqrt(sigma2) if sqrt_sigma2 is None else sqrt_sigma2
+        sigma1 = a.T @ a / (n - 1)
+        middle = root2 @ sigma1 @ root2
+        trace1 = float(np.trace(sigma1))
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    diff = mu1 - np.asarray(mu2, np.float64)
+    return float(diff @ diff + trace1 + np.trace(sigma2) - 2 * trace_sqrt)
 
 
 def _precision_spots() -> list:
@@ -361,7 +390,7 @@ class FID:
             raise FIDError(f"asked for {num_samples} real FID samples without replacement but the data has "
                            f"{len(real_images)}: lower the FID sample count")
         self.device, self.batch_size, self.extractor = torch.device(device), batch_size, extractor
-        self.progress, self._announced = progress, False
+        self.progress, self._announced, self._sqrt_sigma_real = progress, False, None
         if extractor == "digits":
             if dataset is None:
                 raise FIDError("the digit extractor needs the dataset name (mnist, fashion-mnist, stacked-mnist)")
@@ -378,6 +407,7 @@ class FID:
         gen = torch.Generator().manual_seed(seed)
         index = (torch.randint(len(real_images), (n,), generator=gen) if replace
                  else torch.randperm(len(real_images), generator=gen)[:n])
+        self.real_index = index  # which real images, in which order (KID's random subsets depend on the order)
         real = real_images.cpu()[index]
         real = real if real.dtype == torch.uint8 else to_uint8(real)
         self.num_real, self.num_fake = n, n
@@ -458,9 +488,15 @@ class FID:
 
     def __call__(self, fake_images: torch.Tensor) -> float:
         """FID only (cheap: no KID, precision/recall or IS)."""
-        mu, sigma = feature_stats(self.features(fake_images))
-        self.num_fake = len(fake_images)
-        return frechet_distance(mu, sigma, self.mu_real, self.sigma_real)
+        features = self.features(fake_images)
+        self.num_fake = len(features)
+        return self.frechet(features)
+
+    def frechet(self, features: torch.Tensor) -> float:
+        """FID of generated features against the real statistics (the real root is computed once)."""
+        if len(features) - 1 >= features.shape[1] and self._sqrt_sigma_real is None:
+            self._sqrt_sigma_real = psd_sqrt(self.sigma_real)
+        return frechet_distance_from_features(features, self.mu_real, self.sigma_real, self._sqrt_sigma_real)
 
     def evaluate(self, fake_images: torch.Tensor) -> dict:
         """FID, KID, precision/recall (and IS for Inception) of the generated images, all in full precision."""
@@ -475,10 +511,12 @@ class FID:
         if n < 2:
             raise FIDError(f"metrics need at least 2 generated samples, got {n}")
         self.num_fake = n
-        mu, sigma = feature_stats(features)
         subset = min(KID_SUBSET_SIZE, n, self.num_real)
-        fake, real = features.double().cpu(), self.real_features.double()
-        out = {"fid": frechet_distance(mu, sigma, self.mu_real, self.sigma_real)}
+        # float32 features, as torch-fidelity's calculate_metrics passes them (its KID kernel then runs in float32
+        # numpy and its k-NN distances in float32 torch.cdist — inside full_precision, so never TF32/bfloat16):
+        # the numbers are torch-fidelity's numbers for these features
+        fake, real = features.float().cpu(), self.real_features.float()
+        out = {"fid": self.frechet(features)}
         with full_precision():
             kid = kid_features_to_metric(fake, real, kid_subsets=KID_SUBSETS, kid_subset_size=subset,
                                          rng_seed=METRIC_SEED, verbose=False)
