@@ -85,6 +85,17 @@ def flag_field(token: str, flags: dict) -> str | None:
     return flags[name][0] if name in flags else None
 
 
+def label(tokens: list[str]) -> list[str]:
+    """['--lam', '1', '--lsgan', '--alpha-ds', '0.5', '1'] → ['lam=1', 'lsgan', 'alpha-ds=0.5+1'] (job names)."""
+    parts = []
+    for token in tokens:
+        if token.startswith("--") or not parts:
+            parts.append(token.lstrip("-"))
+        else:
+            parts[-1] += ("+" if "=" in parts[-1] else "=") + token
+    return parts
+
+
 def check_flags(argv: list[str], flags: dict, script: str) -> None:
     for token in (t for t in argv if t.startswith("--") and t != "--"):
         field = flag_field(token, flags)
@@ -392,6 +403,8 @@ def build_parser() -> Parser:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add = p.add_argument
     add("--grid", action="append", default=[], metavar="NAME=V1,V2", help="a flag and its values (repeatable)")
+    add("--also", action="append", default=[], metavar="'FLAGS'",
+        help="one more job with these flags besides the grid, e.g. a baseline (repeatable)")
     add("--seed-chunks", metavar="N:K", help="N stacked seeds split into jobs of K (scripts with --num-seeds)")
     add("--name", help="sweep folder name (default: the script's name and a hash of grid, chunks and flags)")
     add("--output-dir", default="runs", help="the sweep goes to OUTPUT_DIR/sweeps/NAME (default: runs)")
@@ -439,16 +452,20 @@ def plan(opts, notes: list[str]) -> tuple[Path, Path, list[dict], str]:
             raise SystemExit("error: --num-seeds is set by --seed-chunks N:K (N seeds in all): drop it")
         n, k, first = int(match[1]), int(match[2]), parse_job_args(module, flags).seed
         chunks = [["--seed", str(first + s), "--num-seeds", str(min(k, n - s))] for s in range(0, n, k)]
-    for tokens in [[]] + [t for _, values in grid for t in values] + chunks:  # every value, before anything is written
+    also = [shlex.split(extra) for extra in opts.also]
+    for extra in also:
+        check_flags(extra, fields, script.name)
+    for tokens in [[]] + [t for _, values in grid for t in values] + chunks + also:  # before anything is written
         parse_job_args(module, flags + tokens)
+    combos = [[t for v in values for t in v] for values in itertools.product(*(tokens for _, tokens in grid))]
     jobs = []
-    for i, (chunk, *values) in enumerate(itertools.product(chunks, *(tokens for _, tokens in grid))):
-        parts = [f"{t[0][2:]}={'_'.join(t[1:])}" if len(t) > 1 else t[0][2:] for t in values]
-        parts += [f"seeds={chunk[1]}-{int(chunk[1]) + int(chunk[3]) - 1}"] if chunk else []
-        name = re.sub(r"[^A-Za-z0-9.=+_-]", "_", "_".join([f"{i:03d}", *parts]))[:120]
-        jobs.append({"job": name, "flags": flags + [t for v in values for t in v] + chunk, "run_dir": f"runs/{name}",
-                     "log": f"logs/{name}.log", "state": "pending", "exit_code": None, "attempts": 0})
-    key = json.dumps({"script": script.name, "grid": opts.grid, "seed_chunks": opts.seed_chunks, "flags": opts.flags})
+    for i, (extra, chunk) in enumerate(itertools.product(combos + also, chunks)):
+        seeds = [f"seeds={chunk[1]}-{int(chunk[1]) + int(chunk[3]) - 1}"] if chunk else []
+        name = re.sub(r"[^A-Za-z0-9.=+_-]", "_", "_".join([f"{i:03d}", *label(extra), *seeds]))[:120]
+        jobs.append({"job": name, "flags": flags + extra + chunk, "run_dir": f"runs/{name}", "log": f"logs/{name}.log",
+                     "state": "pending", "exit_code": None, "attempts": 0})
+    key = json.dumps({"script": script.name, "grid": opts.grid, "also": opts.also, "seed_chunks": opts.seed_chunks,
+                      "flags": opts.flags})
     name = opts.name or f"{script.stem}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
     return script, Path(opts.output_dir) / "sweeps" / name, jobs, key
 

@@ -167,13 +167,15 @@ def test_debug_and_local_executors_run_the_grid_and_write_the_same_table(tmp_pat
 
 def test_seed_chunks_split_the_stack_and_keep_every_seed(tmp_path, stand_in):
     sweep(tmp_path, "--executor", "debug", "--name", "chunked", "--seed-chunks", "5:2", "--grid", "x=1,3",
-          "standin.py", "--seed", "10")
-    sweep(tmp_path, "--executor", "debug", "--name", "whole", "--grid", "x=1,3", "standin.py", "--seed", "10",
-          "--num-seeds", "5")
+          "--also", "--x 7 --steps 3", "standin.py", "--seed", "10", "--steps", "5")
+    sweep(tmp_path, "--executor", "debug", "--name", "whole", "--grid", "x=1,3", "--also", "--x 7 --steps 3",
+          "standin.py", "--seed", "10", "--steps", "5", "--num-seeds", "5")
     chunked = tmp_path / "runs/sweeps/chunked"
-    seeds = [(e["flags"][-3], e["flags"][-1]) for e in manifest(chunked).values()]
-    assert seeds == [("10", "2"), ("10", "2"), ("12", "2"), ("12", "2"), ("14", "1"), ("14", "1")]
-    assert table(chunked) == table(tmp_path / "runs/sweeps/whole") == expected_rows([1, 3], range(10, 15), 3)
+    jobs = manifest(chunked)
+    assert [(e["flags"][-3], e["flags"][-1]) for e in jobs.values()] == [("10", "2"), ("12", "2"), ("14", "1")] * 3
+    assert list(jobs)[-1] == "008_x=7_steps=3_seeds=14-14"  # --also: one more job (here per chunk), not crossed
+    rows = expected_rows([1, 3], range(10, 15), 5) + expected_rows([7], range(10, 15), 3).split("\n", 2)[2]
+    assert table(chunked) == table(tmp_path / "runs/sweeps/whole") == rows
 
 
 def test_rerun_resumes_only_the_killed_job_and_gives_the_uninterrupted_table(tmp_path, stand_in):
