@@ -305,6 +305,14 @@ def test_non_finite_loss_stops_the_run_as_diverged(tmp_path):
     assert json.loads((tmp_path / "lens__seed1" / "results.json").read_text())["status"] == "diverged"
 
 
+def test_corrupt_checkpoint_is_a_one_line_error(tmp_path):
+    (tmp_path / "lens__seed1").mkdir()
+    (tmp_path / "lens__seed1" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match=r"checkpoint.pt is not a usable checkpoint"):
+        tl.train(tiny_args("nsgan", fid_samples=8), 1, True, tmp_path, torch.zeros(32, 1, 32, 32, dtype=torch.uint8),
+                 StubFID(), None, CPU, threading.Event())
+
+
 def test_summarize_means_and_spread():
     def run(lens, seed, fids, status="finished"):
         return {"lens": lens, "seed": seed, "status": status, "steps": 20, "config": f"{lens}{seed}",
