@@ -284,30 +284,27 @@ class StackedOptimizer:
 
     @torch.no_grad()
     def step(self, grads: list[torch.Tensor], active: torch.Tensor) -> torch.Tensor:
-        """Update the active cells; return those whose gradients, new moments and new weights are all finite. The
-        others keep weights and moments as they were: a diverged cell stays frozen at its last finite state."""
-        finite = active.clone()   # a non-finite gradient makes the new moments non-finite: checked below
+        """Update the active cells; return those whose new second moments and new weights are all finite (a
+        non-finite gradient makes the second moment non-finite). The others keep their weights: a diverged cell
+        is frozen at its last finite weights (its moments, which flagged it, are not used again)."""
         self.step_count += 1
         dtype = self.params[0].dtype
         bias1 = torch.where(self.adam, 1 - self.beta1 ** self.step_count, 1.0)
         bias2_sqrt = torch.where(self.adam, (1 - self.beta2 ** self.step_count).sqrt(), 1.0).to(dtype)
-        neg_step = torch.where(finite, -(self.lr / bias1), 0.0).to(dtype)
+        neg_step = torch.where(active, -(self.lr / bias1), 0.0).to(dtype)
         weight1, beta2, one_minus_beta2 = (1 - self.beta1).to(dtype), self.beta2.to(dtype), (1 - self.beta2).to(dtype)
-        updates = []
+        finite, new_params = active.clone(), []
         for p, g, m, v in zip(self.params, grads, self.exp_avg, self.exp_avg_sq):
-            view = (-1,) + (1,) * (p.dim() - 1)
-            g = torch.where(finite.view(view), g, 0.0)
-            m_new = torch.lerp(m, g, weight1.view(view))                          # PyTorch: exp_avg.lerp_(g, 1 − β1)
-            v_new = (v * beta2.view(view)).addcmul_(g * one_minus_beta2.view(view), g)   # v·β2 + ((1 − β2)·g)·g
-            denom = v_new.sqrt().div_(bias2_sqrt.view(view)).add_(self.eps.view(view))
-            p_new = torch.addcdiv(p, m_new * neg_step.view(view), denom)          # θ + (−step·m) / denom
-            for t in (p_new, m_new, v_new):
-                finite &= torch.isfinite(t).flatten(1).all(1)
-            updates.append((p_new, m_new, v_new))
-        for state, new in zip(zip(self.params, self.exp_avg, self.exp_avg_sq), updates):
-            keep = finite.view((-1,) + (1,) * (state[0].dim() - 1))
-            for old, value in zip(state, new):
-                old.copy_(torch.where(keep, value, old))
+            view, dims = (-1,) + (1,) * (p.dim() - 1), tuple(range(1, p.dim()))
+            m.lerp_(g, weight1.view(view))                                     # PyTorch: exp_avg.lerp_(g, 1 − β1)
+            v.mul_(beta2.view(view)).addcmul_(g * one_minus_beta2.view(view), g)   # v·β2 + ((1 − β2)·g)·g
+            denom = v.sqrt().div_(bias2_sqrt.view(view)).add_(self.eps.view(view))
+            new_params.append(torch.addcdiv(p, m * neg_step.view(view), denom))  # θ + (−step·m) / denom
+            # one fast reduction per cell: a NaN or ±inf anywhere makes the sum non-finite (so does a sum beyond
+            # float32's 3.4e38, i.e. entries around 1e32: no longer a working network either)
+            finite &= (v.sum(dims) + new_params[-1].sum(dims)).isfinite()
+        for p, new in zip(self.params, new_params):
+            torch.where(finite.view((-1,) + (1,) * (p.dim() - 1)), new, p, out=p)
         return finite
 
 
