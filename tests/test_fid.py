@@ -337,7 +337,18 @@ def test_metrics_bit_identical_when_the_caller_reduced_precision(tmp_path, fake_
     data = load_dataset("fake").x
     real, fake = real_and_fake(12, 10)
     noise = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
-    gen = nn.Sequential(nn.Linear(8, 64 * 32 * 32 // 64), nn.Tanh(), nn.Unflatten(1, (1, 32, 32)))
+    seen = set()
+
+    class Gen(nn.Module):  # notes the matmul precision it runs under: generation is part of the evaluation
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(8, 1024), nn.Tanh(), nn.Unflatten(1, (1, 32, 32)))
+
+        def forward(self, z):
+            seen.add(torch.get_float32_matmul_precision())
+            return self.net(z)
+
+    gen = Gen()
 
     def run(i):
         shutil.rmtree(fake_root / "fid_stats", ignore_errors=True)  # real features computed again, too
@@ -368,6 +379,7 @@ def test_metrics_bit_identical_when_the_caller_reduced_precision(tmp_path, fake_
     if reduced_matters:  # the caller's setting changes the classifier outside full_precision()…
         assert not torch.equal(reduced_features, full_features)
     assert runs[1] == runs[0]  # …and nothing inside it: every number equal to the last bit
+    assert seen == {"highest"}
     assert "is_mean" in runs[0][3] and "is_mean" not in runs[0][1]
 
 
