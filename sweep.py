@@ -3,7 +3,8 @@
     python sweep.py [sweep options] SCRIPT [script flags...]
     python sweep.py --grid lam=1,3,5,10 --grid strategy=fixed,adaptive --executor slurm --partition gpu \\
         --gpus-per-job 1 --time 720 adaptive_wgan.py --dataset cifar10
-    python sweep.py --grid alpha-ds=0.5,0.6,0.7,0.8,0.9,1.0 --seed-chunks 200:50 alpha_dual_gan.py --preset ring-saturating
+    python sweep.py --grid alpha-ds=0.5,0.6,0.7,0.8,0.9,1.0 --seed-chunks 200:50 alpha_dual_gan.py \
+        --preset ring-saturating
     python sweep.py --status runs/sweeps/NAME       # the state of every job
     python sweep.py --report runs/sweeps/NAME       # the script's table from the runs finished so far
 
@@ -189,7 +190,8 @@ def job_is_alive(sweep_dir: Path, job: str) -> bool:
 # ---------------------------------------------------------------- one job: a plain run of the script
 
 def state_of(code: int, run_dir: Path) -> str:
-    """Exit code → state: 0 finished (or results.json's status), 3 diverged, 130 or a signal interrupted, else failed."""
+    """Exit code → state: 0 finished (or results.json's status), 3 diverged, 130 or a signal interrupted, other
+    codes failed."""
     if code == 0 and (run_dir / "results.json").exists():
         status = json.loads((run_dir / "results.json").read_text()).get("status")
         return status if status in STATES else "finished"
@@ -219,8 +221,8 @@ class Job:
             if run_dir.exists() and not resume:  # nothing to continue from: set the remains aside, start afresh
                 stale = (run_dir.with_name(f"{self.job}.stale{i}") for i in itertools.count(1))
                 run_dir.rename(next(p for p in stale if not p.exists()))
-            command = [sys.executable, self.script, *(["--resume", str(run_dir)] if resume else
-                                                      [*self.flags, "--run-name", self.job, "--output-dir", str(run_dir.parent)])]
+            fresh = [*self.flags, "--run-name", self.job, "--output-dir", str(run_dir.parent)]
+            command = [sys.executable, self.script, *(["--resume", str(run_dir)] if resume else fresh)]
             with open(sweep_dir / "logs" / f"{self.job}.log", "a") as log:
                 log.write(f"\n$ {shlex.join(command)}\n")
                 log.flush()
@@ -285,7 +287,8 @@ def run_local(jobs: list[Job], sweep_dir: Path, opts) -> None:
         while queue or active:
             for slot in (s for s in range(opts.max_parallel) if s not in active and queue):
                 gpu = [gpus[slot % len(gpus)]] if gpus else []
-                executor.update_parameters(timeout_min=opts.time or 60 * 24 * 365, gpus_per_node=len(gpu), visible_gpus=gpu)
+                executor.update_parameters(timeout_min=opts.time or 60 * 24 * 365, gpus_per_node=len(gpu),
+                                           visible_gpus=gpu)
                 job = queue.pop(0)
                 active[slot] = (job, executor.submit(job))
                 print(f"started {job.job}" + (f" on GPU {gpu[0]}" if gpu else ""))
@@ -488,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.max_parallel < 1:
         raise SystemExit("error: --max-parallel must be ≥ 1")
     if bad := [line for line in opts.slurm_extra if not re.fullmatch(r"#SBATCH --\S.*", line)]:
-        raise SystemExit(f"error: --slurm-extra '{bad[0]}' is not an sbatch line: e.g. --slurm-extra '#SBATCH --account=abc'")
+        raise SystemExit(f"error: --slurm-extra '{bad[0]}' is not an sbatch line: e.g. '#SBATCH --account=abc'")
     notes = []
     script, sweep_dir, jobs, key = plan(opts, notes)
     for note in notes:
@@ -500,8 +503,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {sweep_dir} holds another sweep (other script, grid or flags): choose another --name")
     (sweep_dir / "logs").mkdir(parents=True, exist_ok=True)
     if not (sweep_dir / "sweep.json").exists():
-        (sweep_dir / "sweep.json").write_text(json.dumps({"script": str(script), "key": key,
-                                                          "command": shlex.join(["python", "sweep.py", *argv])}, indent=2))
+        command = shlex.join(["python", "sweep.py", *argv])
+        (sweep_dir / "sweep.json").write_text(json.dumps({"script": str(script), "key": key, "command": command}))
     todo = []
 
     def merge(old: list[dict]) -> list[dict]:  # finished and diverged jobs are kept, live ones left alone

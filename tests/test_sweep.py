@@ -200,7 +200,8 @@ def test_rerun_resumes_only_the_killed_job_and_gives_the_uninterrupted_table(tmp
     sweep(tmp_path, "--name", "uninterrupted", *args)
     assert table(sweep_dir) == table(tmp_path / "runs/sweeps/uninterrupted") == expected_rows([1, 2, 3], [1, 2], 3)
     third = sweep(tmp_path, "--name", "s", *args, "--kill-at-x", "2")  # all done: nothing runs again
-    assert "3 done or running, 0 to run" in third.stdout and [e["attempts"] for e in manifest(sweep_dir).values()] == [1, 2, 1]
+    assert "3 done or running, 0 to run" in third.stdout
+    assert [e["attempts"] for e in manifest(sweep_dir).values()] == [1, 2, 1]
 
 
 def test_a_killed_job_without_checkpoint_restarts_in_a_fresh_folder(tmp_path, stand_in):
@@ -210,7 +211,8 @@ def test_a_killed_job_without_checkpoint_restarts_in_a_fresh_folder(tmp_path, st
     assert manifest(sweep_dir)["000_x=2"]["state"] == "interrupted"
     assert sweep(tmp_path, *args, check=False).returncode == 2  # a clean restart (not resumed) is killed again
     assert manifest(sweep_dir)["000_x=2"]["state"] == "interrupted"
-    assert (sweep_dir / "runs/000_x=2.stale1/args.json").exists() and "--resume" not in (sweep_dir / "logs/000_x=2.log").read_text()
+    assert (sweep_dir / "runs/000_x=2.stale1/args.json").exists()
+    assert "--resume" not in (sweep_dir / "logs/000_x=2.log").read_text()
 
 
 def test_ctrl_c_stops_the_local_jobs_and_the_same_command_continues_them(tmp_path, stand_in):
@@ -220,7 +222,8 @@ def test_ctrl_c_stops_the_local_jobs_and_the_same_command_continues_them(tmp_pat
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     sweep_dir = tmp_path / "runs/sweeps/s"
     deadline = time.time() + 120
-    while time.time() < deadline and not all((sweep_dir / f"runs/{j}/checkpoint.pt").exists() for j in ("000_x=1", "001_x=2")):
+    checkpoints = [sweep_dir / f"runs/{job}/checkpoint.pt" for job in ("000_x=1", "001_x=2")]
+    while time.time() < deadline and not all(path.exists() for path in checkpoints):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
