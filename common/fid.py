@@ -451,21 +451,27 @@ class FID:
             images = to_uint8(images)
         step = self.batch_size if self.extractor == "inception" else 512
         feats, logits = [], []
+
+        def run(batch):
+            batch = batch.to(self.device)
+            if self.extractor == "digits":
+                feats.append(self.classifier.features(batch).float().cpu())
+            else:
+                f, l = self.net(batch.repeat(1, 3, 1, 1) if batch.shape[1] == 1 else batch)
+                feats.append(f.float().cpu())
+                logits.append(l.float().cpu())
+
         label = "Inception" if self.extractor == "inception" else self.extractor_name
-        with full_precision(), tqdm(total=len(images), desc=f"{label} features ({what})", unit="img",
-                                    disable=not self.progress, leave=what == "real") as bar:
-            for i in range(0, len(images), step):
-                start = time.perf_counter()
-                batch = images[i:i + step].to(self.device)
-                if self.extractor == "digits":
-                    feats.append(self.classifier.features(batch).float().cpu())
-                else:
-                    f, l = self.net(batch.repeat(1, 3, 1, 1) if batch.shape[1] == 1 else batch)
-                    feats.append(f.float().cpu())
-                    logits.append(l.float().cpu())
-                if i == 0 and len(images) > step:
-                    self._announce(len(batch) / (time.perf_counter() - start), len(images), what)
-                bar.update(len(batch))
+        with full_precision():
+            start = time.perf_counter()
+            run(images[:step])  # the first batch times the job, before the bar starts
+            if len(images) > step:
+                self._announce(min(step, len(images)) / (time.perf_counter() - start), len(images), what)
+            with tqdm(total=len(images), initial=min(step, len(images)), desc=f"{label} features ({what})",
+                      unit="img", disable=not self.progress, leave=what == "real") as bar:
+                for i in range(step, len(images), step):
+                    run(images[i:i + step])
+                    bar.update(len(images[i:i + step]))
         return torch.cat(feats), (torch.cat(logits) if logits else None)
 
     def _announce(self, rate: float, n: int, what: str) -> None:
