@@ -3,6 +3,7 @@ points per seed) for 1 seed and for N stacked seeds, against a plain one-seed lo
 torch.optim.Adam, the usual way to write the experiment), with operator calls per step and peak memory.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_alpha_dual_gan.py --stacks 1 8 32 --steps 40
+    OMP_NUM_THREADS=1 python benchmarks/bench_alpha_dual_gan.py --layers 1 --stacks 1 16 64 --steps 200   # cpu-mini depth
     python benchmarks/bench_alpha_dual_gan.py --stacks 1 50 200 --steps 200      # on a GPU
 """
 from __future__ import annotations
@@ -35,6 +36,8 @@ class Args:
     """α_D used while timing"""
     alpha_g: float = 1.0
     """α_G used while timing"""
+    layers: int = 4
+    """hidden layers of G and D (the paper: 4; the cpu-mini preset: 1)"""
     plain: bool = True
     """also time a plain single-seed loop (nn.Sequential of nn.Linear, torch.optim.Adam)"""
     cuda: bool = True
@@ -63,9 +66,10 @@ def time_steps(step, num_steps: int, device) -> tuple[int, float]:
 
 
 def bench_stack(num_seeds: int, args: Args, ring, device) -> dict:
-    gen_net, disc_net, gens = adg.ring_networks(list(range(1, num_seeds + 1)), device=device)
-    opt_g = adg.adam(gen_net.parameters(), 1e-4, (0.9, 0.999), device)
-    opt_d = adg.adam(disc_net.parameters(), 1e-4, (0.9, 0.999), device)
+    gen_net, disc_net, gens = adg.ring_networks(list(range(1, num_seeds + 1)), device=device, g_layers=args.layers,
+                                                d_layers=args.layers)
+    opt_g = adg.adam(gen_net.parameters(), 1e-4, (0.9, 0.99), device)
+    opt_d = adg.adam(disc_net.parameters(), 1e-4, (0.9, 0.99), device)
     train, noise = ring.train.to(device), ring.train_noise.to(device)
     perms = torch.stack([torch.randperm(len(train), generator=g, device=device) for g in gens])
     alive = torch.ones(num_seeds, dtype=torch.bool, device=device)
@@ -74,8 +78,8 @@ def bench_stack(num_seeds: int, args: Args, ring, device) -> dict:
 
     def step(k):
         idx = perms[:, (k % STEPS_PER_EPOCH) * 128:(k % STEPS_PER_EPOCH + 1) * 128]
-        return adg.ring_train_step(gen_net, disc_net, opt_g, opt_d, train[idx], noise[idx], alive, args.alpha_d,
-                                   args.alpha_g, False)
+        return adg.train_step(gen_net, disc_net, opt_g, opt_d, train[idx], noise[idx], alive, args.alpha_d,
+                              args.alpha_g, False)
 
     ops, seconds = time_steps(step, args.steps, device)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
@@ -87,12 +91,14 @@ def bench_stack(num_seeds: int, args: Args, ring, device) -> dict:
 def bench_plain(args: Args, ring, device) -> dict:
     """One seed written the usual way: nn.Sequential MLPs, probabilities through sigmoid, torch.optim.Adam."""
     torch.manual_seed(0)
-    gen_net = nn.Sequential(nn.Linear(2, 400), nn.ReLU(), *[m for _ in range(3) for m in (nn.Linear(400, 400), nn.ReLU())],
-                            nn.Linear(400, 2)).to(device)
+    hidden = args.layers - 1
+    gen_net = nn.Sequential(nn.Linear(2, 400), nn.ReLU(),
+                            *[m for _ in range(hidden) for m in (nn.Linear(400, 400), nn.ReLU())], nn.Linear(400, 2)).to(device)
     disc_net = nn.Sequential(nn.Linear(2, 200), nn.LeakyReLU(0.2),
-                             *[m for _ in range(3) for m in (nn.Linear(200, 200), nn.LeakyReLU(0.2))],
+                             *[m for _ in range(hidden) for m in (nn.Linear(200, 200), nn.LeakyReLU(0.2))],
                              nn.Linear(200, 1)).to(device)
-    opt_g, opt_d = torch.optim.Adam(gen_net.parameters(), 1e-4), torch.optim.Adam(disc_net.parameters(), 1e-4)
+    opt_g = torch.optim.Adam(gen_net.parameters(), 1e-4, betas=(0.9, 0.99))
+    opt_d = torch.optim.Adam(disc_net.parameters(), 1e-4, betas=(0.9, 0.99))
     train, noise = ring.train.to(device), ring.train_noise.to(device)
     perm = torch.randperm(len(train)).to(device)
 
@@ -121,7 +127,7 @@ if __name__ == "__main__":
         torch.backends.cuda.matmul.allow_tf32 = True
     ring = ring_data()
     print(f"device {device}, torch threads {torch.get_num_threads()}, {args.steps} timed steps, "
-          f"α = ({args.alpha_d}, {args.alpha_g}), one epoch = {STEPS_PER_EPOCH} steps of 128")
+          f"α = ({args.alpha_d}, {args.alpha_g}), {args.layers} hidden layers, one epoch = {STEPS_PER_EPOCH} steps of 128")
     rows = [bench_plain(args, ring, device)] if args.plain else []
     for n in args.stacks:
         rows.append(bench_stack(n, args, ring, device))

@@ -1,9 +1,16 @@
-"""Tests of alpha_dual_gan.py: α-loss against closed forms, the tilted optimal discriminator by numerical
-minimisation, the ring metrics on hand-built sets, stacked training against plain nn.Linear + Adam per seed,
-operator counts independent of the stack size, masking of a non-finite seed, and subprocess smoke runs."""
-import csv
+"""Tests of alpha_dual_gan.py: α-loss against closed forms and against an independent transcription of the authors'
+AlphaLoss, the tilted optimal discriminator by numerical minimisation, the ring metrics against a transcription of
+the authors' per-sample compute_metrics loop, stacked training against plain nn.Linear + Adam per seed, operator
+counts independent of the stack size, masking of a non-finite seed, and subprocess runs of the run lifecycle
+(reused names, bad numbers, Ctrl-C, bit-identical --resume, all-diverged exit code, presets)."""
 import json
 import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -13,14 +20,36 @@ import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
 
 import alpha_dual_gan as adg
+from conftest import REPO
 
 ALPHAS = [0.3, 0.5, 0.9, 1.2, 2.0, 10.0]
+TINY_RING = ["--num-train", "128", "--batch-size", "64", "--layers", "1", "1", "--widths", "8", "4", "--num-seeds", "2",
+             "--alpha-ds", "0.5"]
 
 
 def direct_alpha_loss(y: int, prob: np.ndarray, alpha: float) -> np.ndarray:
     """The paper's formula on probabilities, in numpy float64."""
     e = (alpha - 1) / alpha
     return alpha / (alpha - 1) * (1 - y * prob ** e - (1 - y) * (1 - prob) ** e)
+
+
+class AuthorsAlphaLoss(nn.Module):
+    """Transcription of AlphaLoss.forward in the authors' gan.py (SankarLab/AlphaGan-Papers-Results), ep = 1e-7."""
+
+    def __init__(self, alpha, ep=1e-7):
+        super().__init__()
+        self.alpha, self.ep, self.sigmoid, self.bce = alpha, ep, nn.Sigmoid(), nn.BCELoss()
+
+    def forward(self, logits, labels):
+        if self.alpha == 1:
+            return self.bce(self.sigmoid(logits), labels)
+        output = torch.clamp(self.sigmoid(logits), min=self.ep, max=1 - self.ep)
+        A = (self.alpha / (self.alpha - 1)) if not math.isinf(self.alpha) else self.limit_A
+        real_term = A * (1 - labels * (output ** (1 / A)))
+        fake_term = -A * ((1 - labels) * (1 - output) ** (1 / A))
+        return torch.mean(real_term + fake_term)
+
+    limit_A = 1.0  # α = ∞: their A = ∞/∞ is NaN (checked below); the α → ∞ limit of A is 1
 
 
 # ---------------------------------------------------------------- α-loss
@@ -30,8 +59,7 @@ def test_alpha_one_is_binary_cross_entropy():
     for y in (0, 1):
         bce = F.binary_cross_entropy_with_logits(z, torch.full_like(z, y), reduction="none")
         torch.testing.assert_close(adg.alpha_loss(z, y, 1.0), bce)
-        # continuity: α → 1 from both sides approaches the log-loss
-        for alpha in (1 - 1e-6, 1 + 1e-6):
+        for alpha in (1 - 1e-6, 1 + 1e-6):  # continuity: α → 1 from both sides approaches the log-loss
             torch.testing.assert_close(adg.alpha_loss(z, y, alpha), bce, rtol=1e-4, atol=1e-5)
 
 
@@ -49,11 +77,30 @@ def test_stable_form_equals_direct_formula(alpha):
     prob = 1 / (1 + np.exp(-z))
     for y in (0, 1):
         expected = direct_alpha_loss(y, prob, alpha)
-        got = adg.alpha_loss(torch.tensor(z), y, alpha).numpy()
-        np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
-        # the authors' clamped form is the same function away from the clamp
-        clamped = adg.alpha_loss(torch.tensor(z), y, alpha, clamp_probs=True).numpy()
+        np.testing.assert_allclose(adg.alpha_loss(torch.tensor(z), y, alpha).numpy(), expected, rtol=1e-9, atol=1e-12)
+        clamped = adg.alpha_loss(torch.tensor(z), y, alpha, clamp_probs=True).numpy()  # same function away from the clamp
         np.testing.assert_allclose(clamped, expected, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.5, 1.0, 1.2, math.inf])
+def test_clamped_form_is_the_authors_alpha_loss(alpha):
+    """--clamp-probs against the authors' AlphaLoss.forward (mean over a B×1 batch, float32): values and gradients at
+    logits up to ±30, where the clamp (α ≠ 1) or BCELoss's own limits (α = 1) decide the gradient."""
+    z = torch.cat([torch.linspace(-30, 30, 61), torch.tensor([-20.0, -16.2, 16.2, 20.0])])
+    for y in (0, 1):
+        ours_z, theirs_z = z.clone().requires_grad_(True), z.clone()[:, None].requires_grad_(True)
+        ours = adg.alpha_loss(ours_z, y, alpha, clamp_probs=True).mean()
+        theirs = AuthorsAlphaLoss(alpha)(theirs_z, torch.full((len(z), 1), float(y)))
+        (g_ours,), (g_theirs,) = torch.autograd.grad(ours, ours_z), torch.autograd.grad(theirs, theirs_z)
+        torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=1e-6)
+        torch.testing.assert_close(g_ours, g_theirs[:, 0], rtol=2e-6, atol=1e-9)
+        assert torch.isfinite(g_ours).all()
+    if alpha == 1:  # BCE on σ(z): at z = −20 a real sample still gets the full gradient −1 / B, the exact form too
+        zz = torch.tensor([-20.0], requires_grad=True)
+        (g,) = torch.autograd.grad(adg.alpha_loss(zz, 1, 1.0, clamp_probs=True).sum(), zz)
+        assert g.item() == pytest.approx(-1.0, abs=1e-6)
+    if math.isinf(alpha):  # their A = α/(α−1) is ∞/∞ = NaN there: we use the limit A = 1
+        assert math.isnan(math.inf / (math.inf - 1))
 
 
 @pytest.mark.parametrize("alpha", [0.3, 0.5, 1.0, 1.2, 2.0, math.inf])
@@ -64,30 +111,29 @@ def test_gradients_finite_at_saturated_logits(alpha):
         (grad,) = torch.autograd.grad(loss.sum(), z)
         assert torch.isfinite(loss).all() and torch.isfinite(grad).all(), (alpha, y, loss, grad)
         wrong = 0 if y == 1 else -1  # the confidently wrong logit (−30 for a real, +30 for a fake)
-        assert grad[wrong].abs() > 0, "the stable form keeps a gradient where D is confidently wrong"
-        # the authors' clamp: σ(z) clamped to [1e-7, 1 − 1e-7] has zero gradient at the saturated logit
+        assert grad[wrong].abs() > 0, "the exact form keeps a gradient where D is confidently wrong"
         z2 = z.detach().clone().requires_grad_(True)
         (grad2,) = torch.autograd.grad(adg.alpha_loss(z2, y, alpha, clamp_probs=True).sum(), z2)
-        assert grad2[wrong] == 0
+        if alpha != 1:  # the authors' clamp: σ(z) clamped to [1e-7, 1 − 1e-7] has no gradient at ±30
+            assert grad2[wrong] == 0
 
 
 def test_nonpositive_alpha_rejected():
     for alpha in (0.0, -0.5, float("nan")):
         with pytest.raises(ValueError, match="α must be in"):
             adg.alpha_loss(torch.zeros(3), 1, alpha)
-    with pytest.raises(SystemExit, match="α must be in"):
-        adg.Args(alpha_ds=(0.5, 0.0))
-    with pytest.raises(SystemExit, match="α must be in"):
-        adg.Args(alpha_gs=(-1.0,))
-    with pytest.raises(SystemExit, match="lr"):
-        adg.Args(lr=-1e-4)
+    for bad in (dict(alpha_ds=(0.5, 0.0)), dict(alpha_gs=(-1.0,)), dict(lr=-1e-4), dict(lr_sweep=(1e-4, math.nan)),
+                dict(betas=(0.9, 1.0)), dict(layers=(0, 4)), dict(alpha_ds=())):
+        with pytest.raises(SystemExit, match="error: --" + next(iter(bad)).replace("_", "-")):
+            adg.validate(adg.Args(**bad))
+    adg.validate(adg.Args(alpha_ds=(math.inf, 0.5)))  # α = ∞ is the paper's soft 0-1 loss
 
 
 def test_objectives_reduce_to_vanilla_and_lsgan():
     d_real, d_fake = torch.randn(3, 7, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64)
     log_d = F.logsigmoid
-    vanilla_d = -(log_d(d_real).mean(-1) + log_d(-d_fake).mean(-1))
-    torch.testing.assert_close(adg.discriminator_loss(d_real, d_fake, 1.0), vanilla_d)
+    torch.testing.assert_close(adg.discriminator_loss(d_real, d_fake, 1.0),
+                               -(log_d(d_real).mean(-1) + log_d(-d_fake).mean(-1)))
     torch.testing.assert_close(adg.generator_loss(d_fake, 1.0, non_saturating=False), log_d(-d_fake).mean(-1))
     torch.testing.assert_close(adg.generator_loss(d_fake, 1.0, non_saturating=True), -log_d(d_fake).mean(-1))
     lsgan_d = 0.5 * ((d_real - 1) ** 2).mean(-1) + 0.5 * (d_fake ** 2).mean(-1)
@@ -103,38 +149,56 @@ def test_optimal_discriminator_is_tilted_posterior(alpha):
             t = torch.tensor([z], dtype=torch.float64)
             return float(p_r * adg.alpha_loss(t, 1, alpha) + p_g * adg.alpha_loss(t, 0, alpha))
         z_star = minimize_scalar(risk, bounds=(-25, 25), method="bounded", options={"xatol": 1e-10}).x
-        expected = p_r ** alpha / (p_r ** alpha + p_g ** alpha)
-        assert abs(1 / (1 + math.exp(-z_star)) - expected) < 1e-5
-        got = adg.optimal_discriminator(torch.tensor(p_r, dtype=torch.float64), torch.tensor(p_g, dtype=torch.float64),
-                                        alpha)
-        assert abs(float(got) - expected) < 1e-12
+        assert abs(1 / (1 + math.exp(-z_star)) - p_r ** alpha / (p_r ** alpha + p_g ** alpha)) < 1e-5
 
 
 # ---------------------------------------------------------------- ring metrics
 
-def ring_centers():
-    i = torch.arange(1, 9, dtype=torch.float64)
-    return torch.stack([torch.cos(2 * math.pi * i / 8), torch.sin(2 * math.pi * i / 8)], 1).float()
+def authors_compute_metrics(output: np.ndarray) -> dict:
+    """Transcription of compute_metrics in the authors' experiments/2D.py (make_ring's modes, std √1e-4, P_real the
+    true 1/8): each sample to its closest mode, lost modes, high-quality samples, KL(P_real ‖ P_fake)."""
+    means = [torch.Tensor([np.cos(2 * np.pi * i / 8), np.sin(2 * np.pi * i / 8)]).numpy() for i in range(1, 9)]
+    stds, probs = [np.sqrt(1e-4)] * 8, [1 / 8] * 8
+    means_dict = {str(mean): [] for mean in means}
+    for i in range(output.shape[0]):
+        sample = output[i, :]
+        dists = [(mean, np.linalg.norm(sample - mean)) for mean in means]
+        means_dict[str(min(dists, key=lambda x: x[1])[0])].append(sample)
+    p_fake = (np.array([len(means_dict[str(mean)]) for mean in means]) + 1) / (output.shape[0] + len(means))
+    p_real = np.array(probs)
+    lost_modes, hq_samples = 0, 0
+    for mean, std in zip(means, stds):
+        samples = means_dict[str(mean)]
+        hqs_mode = np.sum([np.linalg.norm(s - mean) <= 3 * std for s in samples]) if samples else 0
+        lost_modes += int(hqs_mode < 1)
+        hq_samples += hqs_mode
+    return {"modes": len(means) - lost_modes, "hqs": hq_samples / output.shape[0],
+            "kl": np.sum(p_real * np.log(p_real / p_fake))}
 
 
-def test_ring_metrics_on_hand_built_sets():
-    centers, std = ring_centers(), 0.01
-    real_counts = torch.full((8,), 100)
-    all_modes = centers.repeat(10, 1)                                    # 10 samples exactly on every mode
-    one_mode = centers[3].expand(80, 2).clone()                          # all 80 on mode 3
-    far = 2 * centers[0].expand(80, 2).clone()                           # nearest mode 0, but 1.0 away
-    offset = torch.tensor([0.02, 0.0])
-    half_close = torch.cat([(centers[1] + offset).expand(40, 2), (centers[2] + 2.5 * offset).expand(40, 2)])
-    broken = all_modes.clone()
-    broken[5, 0] = float("nan")
-    m = adg.ring_metrics(torch.stack([all_modes, one_mode, far, half_close, broken]), centers, std, real_counts)
-    assert m["modes"].tolist() == [8, 1, 0, 1, 0]
-    np.testing.assert_allclose(m["hq"].numpy(), [1.0, 1.0, 0.0, 0.5, 0.0], atol=1e-6)
-    # KL(P_real ‖ P_fake), P_real uniform, P_fake = (counts + 1) / (80 + 8)
-    kl_one = 1 / 8 * math.log((1 / 8) / (81 / 88)) + 7 / 8 * math.log((1 / 8) / (1 / 88))
-    kl_half = 2 / 8 * math.log((1 / 8) / (41 / 88)) + 6 / 8 * math.log((1 / 8) / (1 / 88))
-    np.testing.assert_allclose(m["kl"][:4].numpy(), [0.0, kl_one, kl_one, kl_half], rtol=1e-6, atol=1e-9)
-    assert math.isnan(m["kl"][4]) and not m["finite"][4]
+def test_ring_metrics_match_the_authors_loop():
+    centers, gen = adg.ring_data().centers, torch.Generator().manual_seed(0)
+    sets = [centers.repeat(10, 1),                                           # exactly on every mode
+            centers[3].expand(80, 2).clone(),                                # all on one mode
+            2 * centers[0].expand(80, 2).clone(),                            # nearest mode 0, but 1.0 away
+            centers[torch.randint(8, (80,), generator=gen)] + 0.02 * torch.randn(80, 2, generator=gen),  # ~half within 3σ
+            centers[torch.randint(3, (80,), generator=gen)] + 0.012 * torch.randn(80, 2, generator=gen),  # 3 modes
+            3 * torch.randn(80, 2, generator=gen)]                           # scattered far and wide
+    m = adg.ring_metrics(torch.stack(sets), centers, 0.01)
+    for i, s in enumerate(sets):
+        theirs = authors_compute_metrics(s.numpy())
+        assert int(m["modes"][i]) == theirs["modes"], i
+        assert float(m["hq"][i]) == pytest.approx(theirs["hqs"], abs=1e-12), i
+        assert float(m["kl"][i]) == pytest.approx(theirs["kl"], rel=1e-6), i
+    assert [int(v) for v in m["modes"][:3]] == [8, 1, 0] and 0 < float(m["hq"][3]) < 1
+
+
+def test_ring_metrics_flag_non_finite_sets():
+    samples = adg.ring_data().centers.repeat(10, 1).expand(2, -1, -1).clone()
+    samples[1, 5, 0] = float("nan")
+    m = adg.ring_metrics(samples, adg.ring_data().centers, 0.01)
+    assert m["finite"].tolist() == [True, False] and m["modes"].tolist() == [8, 0]
+    assert math.isnan(m["kl"][1]) and m["kl"][0] == pytest.approx(0.0, abs=1e-12)
 
 
 # ---------------------------------------------------------------- stacked training
@@ -156,22 +220,24 @@ def reference_mlp(stacked: adg.StackedMLP, member: int, slope: float) -> nn.Sequ
 @pytest.mark.parametrize("alpha_d,alpha_g,non_saturating", [(0.5, 1.2, False), (1.0, 1.0, True)])
 def test_stacked_training_equals_separate_training(alpha_d, alpha_g, non_saturating):
     seeds, steps, batch = [3, 4], 6, 32
-    gen_net, disc_net, _ = adg.ring_networks(seeds, width_g=24, width_d=16)
+    gen_net, disc_net, _ = adg.ring_networks(seeds, width_g=24, width_d=16, g_layers=2, d_layers=3)
+    assert [w.shape[1:] for w in gen_net.weights] == [(2, 24), (24, 24), (24, 2)]  # depth = hidden layers
     for s, seed in enumerate(seeds):  # a seed's init does not depend on its stack neighbours
-        alone_g, alone_d, _ = adg.ring_networks([seed], width_g=24, width_d=16)
+        alone_g, alone_d, _ = adg.ring_networks([seed], width_g=24, width_d=16, g_layers=2, d_layers=3)
         for p, q in zip([*gen_net.parameters(), *disc_net.parameters()], [*alone_g.parameters(), *alone_d.parameters()]):
             assert torch.equal(p[s], q[0])
     refs = [(reference_mlp(gen_net, s, 0.0), reference_mlp(disc_net, s, 0.2)) for s in range(len(seeds))]
-    opt_g = adg.adam(gen_net.parameters(), 1e-3, (0.9, 0.999), torch.device("cpu"))
-    opt_d = adg.adam(disc_net.parameters(), 1e-3, (0.9, 0.999), torch.device("cpu"))
-    ref_opts = [(torch.optim.Adam(g.parameters(), lr=1e-3), torch.optim.Adam(d.parameters(), lr=1e-3)) for g, d in refs]
+    opt_g = adg.adam(gen_net.parameters(), 1e-3, (0.9, 0.99), torch.device("cpu"))
+    opt_d = adg.adam(disc_net.parameters(), 1e-3, (0.9, 0.99), torch.device("cpu"))
+    ref_opts = [(torch.optim.Adam(g.parameters(), lr=1e-3, betas=(0.9, 0.99)),
+                 torch.optim.Adam(d.parameters(), lr=1e-3, betas=(0.9, 0.99))) for g, d in refs]
     gen = torch.Generator().manual_seed(0)
     alive = torch.ones(len(seeds), dtype=torch.bool)
     for _ in range(steps):
         real = torch.randn(len(seeds), batch, 2, generator=gen)
         noise = torch.randn(len(seeds), batch, 2, generator=gen)
-        _, _, alive = adg.ring_train_step(gen_net, disc_net, opt_g, opt_d, real, noise, alive, alpha_d, alpha_g,
-                                          non_saturating)
+        _, _, alive = adg.train_step(gen_net, disc_net, opt_g, opt_d, real, noise, alive, alpha_d, alpha_g,
+                                     non_saturating)
         for s, ((g, d), (og, od)) in enumerate(zip(refs, ref_opts)):  # textbook alternation, one seed at a time
             fake = g(noise[s])
             d_loss = (adg.alpha_loss(d(real[s]).squeeze(-1), 1, alpha_d).mean()
@@ -196,14 +262,14 @@ def test_stacked_training_equals_separate_training(alpha_d, alpha_g, non_saturat
 def count_ops_per_step(num_seeds: int) -> int:
     from torch.profiler import ProfilerActivity, profile
     gen_net, disc_net, _ = adg.ring_networks(list(range(num_seeds)), width_g=16, width_d=8)
-    opt_g = adg.adam(gen_net.parameters(), 1e-4, (0.9, 0.999), torch.device("cpu"))
-    opt_d = adg.adam(disc_net.parameters(), 1e-4, (0.9, 0.999), torch.device("cpu"))
+    opt_g = adg.adam(gen_net.parameters(), 1e-4, (0.9, 0.99), torch.device("cpu"))
+    opt_d = adg.adam(disc_net.parameters(), 1e-4, (0.9, 0.99), torch.device("cpu"))
     real, noise = torch.randn(num_seeds, 32, 2), torch.randn(num_seeds, 32, 2)
     alive = torch.ones(num_seeds, dtype=torch.bool)
     for _ in range(2):  # warm-up (Adam creates its state on the first step)
-        adg.ring_train_step(gen_net, disc_net, opt_g, opt_d, real, noise, alive, 0.5, 1.0, False)
+        adg.train_step(gen_net, disc_net, opt_g, opt_d, real, noise, alive, 0.5, 1.0, False)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        adg.ring_train_step(gen_net, disc_net, opt_g, opt_d, real, noise, alive, 0.5, 1.0, False)
+        adg.train_step(gen_net, disc_net, opt_g, opt_d, real, noise, alive, 0.5, 1.0, False, clamp_probs=True)
     return sum(1 for e in prof.events() if e.name.startswith("aten::"))
 
 
@@ -219,12 +285,12 @@ def test_non_finite_seed_is_masked_and_others_continue():
         nets[1][1].weights[0][1].fill_(float("nan"))  # break seed 2's discriminator in the second copy
     results = []
     for gen_net, disc_net, _ in nets:
-        opt_g = adg.adam(gen_net.parameters(), 1e-3, (0.9, 0.999), torch.device("cpu"))
-        opt_d = adg.adam(disc_net.parameters(), 1e-3, (0.9, 0.999), torch.device("cpu"))
+        opt_g = adg.adam(gen_net.parameters(), 1e-3, (0.9, 0.99), torch.device("cpu"))
+        opt_d = adg.adam(disc_net.parameters(), 1e-3, (0.9, 0.99), torch.device("cpu"))
         gen, alive = torch.Generator().manual_seed(0), torch.ones(3, dtype=torch.bool)
         for _ in range(4):
             real, noise = torch.randn(3, 16, 2, generator=gen), torch.randn(3, 16, 2, generator=gen)
-            _, _, alive = adg.ring_train_step(gen_net, disc_net, opt_g, opt_d, real, noise, alive, 1.0, 1.0, False)
+            _, _, alive = adg.train_step(gen_net, disc_net, opt_g, opt_d, real, noise, alive, 1.0, 1.0, False)
         results.append((alive, gen_net))
     assert results[0][0].tolist() == [True, True, True]
     assert results[1][0].tolist() == [True, False, True]
@@ -234,74 +300,171 @@ def test_non_finite_seed_is_masked_and_others_continue():
 
 def test_dcgan_shapes():
     for size, channels in ((28, 3), (32, 1), (64, 3), (112, 3)):
-        gen_net, disc_net = adg.dcgan(size, channels, nz=16, ngf=4, ndf=4)
+        gen_net, disc_net = adg.dcgan(size, channels, z_dim=16, width=4)
         images = gen_net(torch.randn(2, 16))
         assert images.shape == (2, channels, size, size)
-        assert disc_net(images).shape == (2,)
-    assert adg.dcgan_base(112) == 7 and adg.dcgan_base(64) == 4 and adg.dcgan_base(48) is None
+        assert disc_net(images).shape == (2, 1)
+
+
+def test_presets_parse_and_cpu_mini_is_small():
+    for name, preset in adg.PRESETS.items():
+        assert adg.parse_args(["--preset", name]) == preset
+    mini = adg.PRESETS["cpu-mini"]
+    assert mini.dataset == "ring" and max(mini.layers) <= 2 and mini.num_seeds >= 10 and mini.epochs == 400
+    assert mini.alpha_ds == (1.0, 0.5, 0.2) and mini.alpha_gs == (1.0,) and not mini.non_saturating
+    assert adg.PRESETS["default"].betas == (0.9, 0.99) and adg.PRESETS["default"].layers == (4, 4)
+    assert adg.PRESETS["default"].widths == (400, 200)
 
 
 # ---------------------------------------------------------------- subprocess runs
 
-def test_ring_grid_smoke(run_script, tmp_path):
-    run_script("alpha_dual_gan.py", "--alpha-ds", "1.0", "0.5", "--alpha-gs", "1.0", "1.2", "--lsgan",
-               "--num-seeds", "3", "--max-steps", "4", "--epochs", "1", "--ring-width-g", "16", "--ring-width-d", "8",
-               "--log-every", "2", "--scatter-seeds", "2", "--save-model", "--output-dir", str(tmp_path),
-               "--run-name", "grid", cwd=tmp_path, timeout=300)
+def config_results(run_dir) -> dict:
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(run_dir.glob("*/results.json"))}
+
+
+@pytest.fixture
+def run_main(monkeypatch, tmp_path):
+    """run_main(*flags) runs the script's main() in this process (one torch thread, no signal handlers installed)
+    with --output-dir tmp_path; returns the exit code (0 when main returns)."""
+    monkeypatch.setattr(adg.signal, "signal", lambda *_: None)
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocess runs (and no fight over the cores with other jobs)
+
+    def run(*flags):
+        monkeypatch.setattr(sys, "argv", ["alpha_dual_gan.py", *map(str, flags), "--output-dir", str(tmp_path)])
+        try:
+            adg.main()
+        except SystemExit as e:
+            return e.code
+        return 0
+
+    yield run
+    torch.set_num_threads(threads)
+
+
+def test_ring_grid_smoke(run_main, tmp_path):
+    assert run_main(*TINY_RING, "--alpha-ds", "1.0", "0.5", "--alpha-gs", "1.0", "1.2", "--lsgan", "--both-loss-forms",
+                    "--epochs", "2", "--run-name", "grid") == 0
     out = tmp_path / "grid"
-    for name in ("grid_heatmap.png", "alpha_d_sweep.png", "grid_tables.md", "results.md", "scatter_vanilla.png",
-                 "checkpoint_lsgan.pt"):
-        assert (out / name).stat().st_size > 0, name
-    assert (out / "grid_heatmap.png").read_bytes()[:4] == b"\x89PNG"
-    with open(out / "grid_success_rate.csv") as f:
-        rows = list(csv.reader(f))
-    assert rows[0] == ["α_G \\ α_D", "1", "0.5"] and [r[0] for r in rows[1:]] == ["1", "1.2"]
-    assert all(0 <= float(v) <= 100 for r in rows[1:] for v in r[1:])
-    with open(out / "per_seed.csv") as f:
-        per_seed = list(csv.DictReader(f))
-    assert len(per_seed) == 5 * 3 and {r["cell"] for r in per_seed} == {"vanilla", "(0.5,1)", "(1,1.2)", "(0.5,1.2)", "lsgan"}
-    assert all(0 <= int(r["modes"]) <= 8 for r in per_seed)
-    result = json.loads((out / "results.json").read_text())
-    assert len(result["cells"]) == 5 and all(c["seeds"] == 3 and c["epochs"] > 0 for c in result["cells"])
-    for c in result["cells"]:
-        rows_c = [r for r in per_seed if r["cell"] == c["cell"]]
-        assert c["success_rate"] == pytest.approx(sum(int(r["modes"]) == 8 for r in rows_c) / 3)
-    assert list(out.glob("events.out.tfevents.*"))
+    result, configs = json.loads((out / "results.json").read_text()), config_results(out)
+    assert result["status"] == "finished" and result["args"]["betas"] == [0.9, 0.99]
+    assert len(configs) == 9 and "lsgan_lr0.0001" in configs and "ad0.5_ag1.2_clamped_lr0.0001" in configs
+    rows = {(r["cell"], r["loss"]): r for r in result["configs"]}
+    assert len(rows) == 9 and rows["lsgan", "lsgan"]["seeds"] == 2
+    for name, c in configs.items():
+        per_seed = c["history"][-1]["per_seed"]
+        assert c["status"] == "finished" and len(per_seed) == 2 and all(0 <= r["modes"] <= 8 for r in per_seed)
+        row = rows[("lsgan", "lsgan") if c["lsgan"] else (f"({c['alpha_d']:g}, {c['alpha_g']:g})",
+                                                          "clamped" if c["clamp_probs"] else "exact")]
+        assert row["success"] == sum(r["modes"] == 8 for r in per_seed) and row["diverged"] == 0
+        assert row["success_ci95"][0] <= row["success"] / 2 <= row["success_ci95"][1]
+        assert list((out / name).glob("events.out.tfevents.*"))
+    md = (out / "results.md").read_text()
+    for title in ("**success**", "**failure**", "**diverged**", "**mean_hq**", "**median_kl**"):
+        assert md.count(title) == 2, title  # one grid per loss form
+    assert (out / "alpha_d_sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert md == (out / "table.md").read_text() == adg.summarize(list(configs.values()))  # rebuilt from the files
 
 
-def test_resume_continues_the_run(run_script, tmp_path):
-    """2 epochs in one go == 1 epoch, then --resume to 2 epochs (same seeds, same shuffles, same numbers)."""
-    common = ["--alpha-ds", "0.5", "--num-seeds", "2", "--ring-width-g", "8", "--ring-width-d", "4", "--batch-size",
-              "5000", "--eval-every", "1", "--save-model", "--scatter-seeds", "1", "--output-dir", str(tmp_path)]
-    run_script("alpha_dual_gan.py", *common, "--epochs", "2", "--run-name", "straight", cwd=tmp_path, timeout=300)
-    run_script("alpha_dual_gan.py", *common, "--epochs", "1", "--run-name", "split", cwd=tmp_path, timeout=300)
-    proc = run_script("alpha_dual_gan.py", *common, "--epochs", "2", "--run-name", "split", "--resume", cwd=tmp_path,
-                      timeout=300)
-    assert "resumed" in proc.stdout
-    straight = torch.load(tmp_path / "straight" / "checkpoint_(0.5,1).pt", weights_only=False)
-    split = torch.load(tmp_path / "split" / "checkpoint_(0.5,1).pt", weights_only=False)
-    assert straight["step"] == split["step"] == 2 * 10
-    for key in ("generator", "discriminator"):
-        for name, value in straight[key].items():
-            torch.testing.assert_close(split[key][name], value, rtol=0, atol=0)
-    assert (tmp_path / "straight" / "per_seed.csv").read_text() == (tmp_path / "split" / "per_seed.csv").read_text()
+def test_seed_chunks_run_apart_make_one_row():
+    """A sweep may run one cell's 200 seeds as several stacks: summarize() pools their seeds into one row."""
+    def run(seeds, statuses):
+        per_seed = [dict(seed=s, status=st, modes={"success": 8, "failure": 0}.get(st, 3), hq=0.5, kl=0.1)
+                    for s, st in zip(seeds, statuses)]
+        return dict(status="finished", experiment="ring", alpha_d=0.5, alpha_g=1.0, lsgan=False, clamp_probs=True,
+                    lr=1e-4, history=[dict(epoch=400, step=1, per_seed=per_seed)])
+    runs = [run([1, 2], ["success", "failure"]), run([3, 4], ["diverged", "success"])]
+    rows = adg.aggregate(runs)
+    assert len(rows) == 1 and (rows[0]["seeds"], rows[0]["success"], rows[0]["failure"], rows[0]["diverged"]) == (4, 2, 1, 1)
+    assert rows[0]["mean_modes"] == pytest.approx(16 / 3)  # over the 3 finite seeds
+    assert "| (0.5, 1) | clamped | 0.0001 | 4 | 50 (" in adg.summarize(runs)
 
 
-def test_image_path_smoke_on_fake_data(run_script, tmp_path):
-    run_script("alpha_dual_gan.py", "--dataset", "fake", "--non-saturating", "--alpha-ds", "0.6", "--lsgan",
-               "--num-seeds", "2", "--max-steps", "3", "--batch-size", "16", "--nz", "8", "--ngf", "4", "--ndf", "4",
-               "--fid-samples", "64", "--data-root", str(tmp_path / "data"), "--output-dir", str(tmp_path),
-               "--run-name", "img", cwd=tmp_path, timeout=300)
+def test_reused_run_name_refuses_and_keeps_the_first_run(run_main, tmp_path, capsys):
+    args = [*TINY_RING, "--epochs", "1", "--run-name", "same"]
+    assert run_main(*args) == 0
+    before = {p: p.read_bytes() for p in (tmp_path / "same").rglob("*") if p.is_file()}
+    code = run_main(*args)
+    assert isinstance(code, str) and code.startswith("error: ") and "already exists" in code and "\n" not in code
+    assert {p: p.read_bytes() for p in (tmp_path / "same").rglob("*") if p.is_file()} == before
+    code = run_main("--resume", tmp_path / "same")  # a run without --save-model cannot be resumed
+    assert code.startswith("error: ") and "--save-model" in code
+    assert run_main("--resume", tmp_path / "nothing").startswith("error: ")  # no args.json there
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_non_finite_lr_is_one_line_and_leaves_nothing(run_script, run_main, tmp_path):
+    proc = run_script("alpha_dual_gan.py", "--lr", "nan", "--output-dir", tmp_path / "runs", cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: --lr is")
+    assert run_main("--lr", "inf").startswith("error: --lr is inf")
+    assert list(tmp_path.iterdir()) == []  # no run folder, for nan nor inf
+
+
+def test_every_seed_diverged_exits_3(run_main, tmp_path):
+    assert run_main(*TINY_RING, "--epochs", "2", "--lr", "1e30", "--run-name", "boom") == 3
+    result = json.loads((tmp_path / "boom" / "results.json").read_text())
+    assert result["status"] == "diverged" and result["configs"][0]["diverged"] == 2
+
+
+LONG_RING = [*TINY_RING[4:], "--num-train", "300", "--batch-size", "2", "--epochs", "4", "--eval-every", "1",
+             "--save-model", "--threads", "1"]  # 150 steps per epoch: a checkpoint at each epoch end
+
+
+def test_ctrl_c_and_kill_then_resume_give_the_uninterrupted_numbers(run_main, tmp_path):
+    """Ctrl-C mid-epoch → exit 130, results marked interrupted. A copy of the run folder taken at an epoch-end
+    checkpoint stands for a run killed there. Each, resumed with --resume RUN_DIR alone, ends with exactly the results
+    and weights of an uninterrupted run."""
+    ckpt = "ad0.5_ag1_lr0.0001/checkpoint.pt"
+    stopped = subprocess.Popen([sys.executable, str(REPO / "alpha_dual_gan.py"), *LONG_RING, "--output-dir",
+                                str(tmp_path), "--run-name", "ctrl_c"], cwd=tmp_path, text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    deadline = time.time() + 180
+    while not (tmp_path / "ctrl_c" / ckpt).exists():  # training has begun: the first epoch end wrote a checkpoint
+        assert stopped.poll() is None and time.time() < deadline, stopped.communicate()
+        time.sleep(0.02)
+    shutil.copytree(tmp_path / "ctrl_c", tmp_path / "killed")  # checkpoint.pt is replaced atomically: a whole one
+    stopped.send_signal(signal.SIGINT)
+    stdout, stderr = stopped.communicate(timeout=300)
+    assert stopped.returncode == 130 and "Traceback" not in stderr and "--resume" in stdout, (stdout, stderr)
+    assert json.loads((tmp_path / "ctrl_c" / "results.json").read_text())["status"] == "interrupted"
+    assert (tmp_path / "ctrl_c" / "results.md").read_text().startswith("**Status: interrupted")
+    assert 150 < torch.load(tmp_path / "ctrl_c" / ckpt, weights_only=False)["step"] < 600
+    assert torch.load(tmp_path / "ctrl_c" / ckpt, weights_only=False)["step"] % 150 != 0  # Ctrl-C came mid-epoch
+    assert torch.load(tmp_path / "killed" / ckpt, weights_only=False)["step"] % 150 == 0  # an epoch-end checkpoint
+    assert run_main(*LONG_RING, "--run-name", "straight") == 0
+    for name in ("ctrl_c", "killed"):
+        assert run_main("--resume", tmp_path / name) == 0
+        straight, resumed = config_results(tmp_path / "straight"), config_results(tmp_path / name)
+        for key in ("status", "steps", "history", "diverged_at_step"):
+            assert resumed["ad0.5_ag1_lr0.0001"][key] == straight["ad0.5_ag1_lr0.0001"][key], (name, key)
+        a, b = (torch.load(tmp_path / d / ckpt, weights_only=False)["states"][0] for d in ("straight", name))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_image_path_on_stacked_mnist(run_main, tmp_path, mnist_root):
+    assert run_main("--preset", "stacked-mnist", "--num-seeds", "2", "--epochs", "2", "--eval-every", "1", "--alpha-ds",
+                    "0.6", "--no-lsgan", "--lr-sweep", "3e-4", "--batch-size", "64", "--z-dim", "8", "--model-width",
+                    "4", "--fid-samples", "64", "--data-root", mnist_root, "--run-name", "img") == 0
     out = tmp_path / "img"
-    result = json.loads((out / "results.json").read_text())
-    assert len(result["runs"]) == 4 and {r["cell"] for r in result["runs"]} == {"(0.6,1)", "lsgan"}
-    for r in result["runs"]:
-        assert r["status"] == "ok" and r["steps"] == 3
-        assert math.isfinite(r["curve"][-1]["fid"]) and 1 <= r["curve"][-1]["modes"] <= 10
-    assert (out / "samples_across_seeds.png").read_bytes()[:4] == b"\x89PNG"
-    assert "digits-cnn" in result["fid_name"]
+    configs, result = config_results(out), json.loads((out / "results.json").read_text())
+    assert len(configs) == 4 and {c["lr"] for c in configs.values()} == {1e-4, 3e-4}
+    for c in configs.values():
+        assert c["status"] == "finished" and [e["epoch"] for e in c["history"]] == [1, 2]
+        assert c["history"][-1]["extractor"].startswith("digits") and 1 <= c["history"][-1]["modes"] <= 1000
+    row = next(r for r in result["configs"] if r["cell"] == "(0.6, 1)" and r["lr"] == 3e-4)
+    fids = [configs[f"ad0.6_ag1_clamped_lr0.0003_seed{s}"]["history"][-1]["fid"] for s in (1, 2)]
+    assert row["fid_mean"] == pytest.approx(np.mean(fids)) and row["fid_std"] == pytest.approx(np.std(fids))
+    assert row["per_epoch"]["2"][0] == pytest.approx(np.mean(fids))
+    for name in ("fid_over_lr.png", "fid_over_epoch.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_help(run_script, tmp_path):
-    proc = run_script("alpha_dual_gan.py", "--help", cwd=tmp_path, timeout=120)
-    assert "--alpha-ds" in proc.stdout and "--non-saturating" in proc.stdout
+def test_help_shows_concrete_defaults(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit) as exit_info:
+        adg.parse_args(["--preset", "cpu-mini", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "--clamp-probs" in out and "(default: 0.9 0.99)" in out
+    assert "(default: 1 1)" in out and "(default: 1.0 0.5 0.2)" in out and "(default: None)" not in out.split("--run-name")[0]
