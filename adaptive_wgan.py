@@ -16,6 +16,7 @@ iteration (eq. 4, Algorithm 1). Baselines (fixed n_d:1, TTUR) run on the same lo
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -55,13 +56,6 @@ class Args:
     table2, table3-lsun, table3-lfw, table4 (all rows but Unbalanced GAN), cpu-mini (MNIST WGAN-GP)"""
     seed: int = 1
     """seed of the weights, data order and noise (every configuration starts from the same G and D)"""
-    cuda: bool = True
-    """use CUDA when available"""
-    threads: int = 0
-    """torch CPU threads (0 = torch's default)"""
-    matmul_precision: Literal["auto", "highest", "high", "medium"] = "auto"
-    """auto: high (TF32) on CUDA, highest on CPU; medium: bf16-backed float32 matmuls on capable CPUs/GPUs;
-    metrics are always computed in full precision"""
     track: bool = False
     """log to Weights & Biases (TensorBoard synced; WANDB_MODE=offline is respected)"""
     wandb_project_name: str = "gan-stability"
@@ -132,6 +126,14 @@ class Args:
     """local Inception FID weights (inception-2015-12-05-fid.pth) for machines without network"""
     fid_thresholds: list[float] = field(default_factory=lambda: [200.0, 100.0, 50.0, 40.0])
     """FID targets whose first reaching epoch is reported (Table 2: 200 100 50 40; Table 4: 100 50 30)"""
+    # performance
+    cuda: bool = True
+    """use CUDA when available"""
+    threads: int = 0
+    """torch CPU threads (0 = torch's default)"""
+    matmul_precision: Literal["auto", "highest", "high", "medium"] = "auto"
+    """auto: high (TF32) on CUDA, highest on CPU; medium: bf16-backed float32 matmuls on capable CPUs/GPUs;
+    metrics are always computed in full precision"""
 
 
 GP_SETUP = dict(image_size=32, z_dim=128, width=128, lr=1e-4, ttur_lr_g=1e-4, ttur_lr_d=3e-4,  # Sec. 4.1-4.2
@@ -206,6 +208,8 @@ def validate(args: Args) -> None:
              "(wgan-gp, r1) a multiple of 8 (32)")
     if args.fid_extractor == "digits" and args.fid_every and args.dataset not in DIGIT_DATASETS + ("dirac",):
         fail(f"--fid-extractor digits covers {', '.join(DIGIT_DATASETS)}, not {args.dataset}: use inception")
+    if args.track and importlib.util.find_spec("wandb") is None:
+        fail("pip install wandb, or drop --track")
     if args.resume is not None and not any(Path(args.resume).glob("*/checkpoint.pt")):
         fail(f"{args.resume} has no checkpoint.pt: only runs started with --save-model can be resumed (a Dirac-GAN "
              "run keeps none: it takes seconds, start it again)")
@@ -415,8 +419,7 @@ def train(args: Args, cfg: Config, images: torch.Tensor, fid: FID | None, run_di
             opt_g.step()
         it, u_d, u_g, window_d = it + 1, u_d + critic, u_g + (not critic), window_d + critic
         if cfg.strategy == "adaptive" or it % LOG_EVERY == 0:
-            # both losses again, with the weights after this step, on this iteration's batch (x, z, α). The adaptive
-            # rule's next step is control flow decided by them: they come to the host every iteration (its only sync)
+            # both losses with the new weights on this batch (x, z, α); adaptive: on the host each iteration (one sync)
             values = evaluate_losses(G, D, real, z, alpha, cfg.loss, args.gp_weight, fake).tolist()
             if not all(map(math.isfinite, values)):
                 reason = f": non-finite loss at iteration {it}"
@@ -461,7 +464,7 @@ def train(args: Args, cfg: Config, images: torch.Tensor, fid: FID | None, run_di
 
 def model_name(r: dict) -> tuple[str, str]:
     """(Model, Parameters) cells in the paper's wording, with the learning rates used."""
-    lrs = "" if r["lr_g"] is None else f"; lr {r['lr_g']:g}" + ("" if r["lr_g"] == r["lr_d"] else f"/{r['lr_d']:g} (G/D)")
+    lrs = "" if r["lr_g"] is None else f"; lr {r['lr_g']:g}" + f"/{r['lr_d']:g} (G/D)" * (r["lr_g"] != r["lr_d"])
     base = "Dirac-GAN" if r["args"]["dataset"] == "dirac" else PAPER_NAMES[r["loss"]]
     if r["strategy"] == "adaptive":
         return f"adaptive {base}", f"λ = {r['lam']:g}{lrs}"
@@ -548,11 +551,6 @@ def main() -> None:
             fid = FID(data.x, extractor=args.fid_extractor, num_samples=args.fid_samples, root=args.data_root,
                       inception_weights=args.inception_weights, device=device, dataset=args.dataset)
         images = data.x.to(device)  # uint8 on the device
-    if args.track:
-        try:
-            import wandb
-        except ImportError:
-            fail("pip install wandb, or drop --track")
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     run_name = args.run_name or f"{args.dataset}__{Path(__file__).stem}__{args.seed}__{stamp}"
     run_dir = Path(args.resume) if args.resume is not None else Path(args.output_dir) / run_name
@@ -561,6 +559,7 @@ def main() -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
     if args.track:
+        import wandb
         wandb.init(project=args.wandb_project_name, name=run_dir.name, config=asdict(args), sync_tensorboard=True,
                    dir=str(run_dir), resume="allow", id=run_dir.name)
     header = {"script": Path(__file__).name, "run_name": run_dir.name, "device": str(device), "args": asdict(args)}
@@ -588,8 +587,9 @@ def main() -> None:
         kept = "checkpoint and results" if args.save_model else "results (no checkpoint: run without --save-model)"
         print(f"interrupted: {kept} so far in {run_dir}; continue: python {Path(__file__).name} --resume {run_dir}")
         sys.exit(130)
-    print((run_dir / "results.md").read_text() + f"\nwritten to {run_dir}")
-    sys.exit(3 if status == "diverged" else 0)  # 3: every configuration diverged (results.md says so first)
+    print(f"every configuration diverged: see {run_dir}/results.md" if status == "diverged"
+          else (run_dir / "results.md").read_text() + f"\nwritten to {run_dir}")
+    sys.exit(3 if status == "diverged" else 0)
 
 
 if __name__ == "__main__":
