@@ -344,8 +344,6 @@ def submit_slurm(jobs: list[Job], sweep_dir: Path, opts) -> None:
 
 def status_table(sweep_dir: Path) -> str:
     entries = read_manifest(sweep_dir)
-    if not entries:
-        raise SystemExit(f"error: {sweep_dir} has no manifest.jsonl: give a sweep folder (runs/sweeps/NAME)")
     counts = ", ".join(f"{n} {s}" for s in STATES if (n := sum(e["state"] == s for e in entries)))
     lines = [f"{sweep_dir}: {len(entries)} jobs: {counts}", "", "| job | state | exit code | attempts | run folder |",
              "|---|---|---|---|---|"]
@@ -477,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     opts = build_parser().parse_args(argv)
     if opts.status or opts.report:
+        if not (Path(opts.status or opts.report) / "sweep.json").exists():
+            raise SystemExit(f"error: {opts.status or opts.report} is not a sweep folder (runs/sweeps/NAME)")
         print(status_table(Path(opts.status)) if opts.status else write_report(Path(opts.report)))
         return 0
     if not opts.script:

@@ -250,6 +250,8 @@ def test_status_and_report_at_any_time(tmp_path, stand_in):
     assert "2 of 4 jobs" in report and "| 003_x=2_mode=crash | failed | 1 | logs/003_x=2_mode=crash.log |" in report
     assert report.split("| x |")[1].count("finished") == 4 and (sweep_dir / "table.md").exists()
     assert "RuntimeError: crash requested" in (sweep_dir / "logs/001_x=1_mode=crash.log").read_text()
+    wrong = sweep(tmp_path, "--report", tmp_path, check=False)
+    assert wrong.returncode == 1 and wrong.stderr == f"error: {tmp_path} is not a sweep folder (runs/sweeps/NAME)\n"
 
 
 def test_a_job_whose_sweep_process_died_is_not_started_twice(tmp_path, stand_in):
@@ -360,3 +362,19 @@ def test_slurm_array_submission_and_requeue_after_preemption(tmp_path, stand_in)
     assert [(e["state"], e["attempts"]) for e in jobs.values()] == [("finished", 1), ("finished", 2), ("finished", 1)]
     assert "--resume" in (sweep_dir / "logs/001_x=2.log").read_text()
     assert table(sweep_dir) == expected_rows([1, 2, 3], [1, 2], 15)  # written by the last task to end
+
+
+# ---------------------------------------------------------------- the paper scripts
+
+def test_adaptive_wgan_dirac_grid_gives_the_in_process_table(tmp_path, run_script):
+    grid = ["--grid", "lam=1,3", "--grid", "strategy=fixed,adaptive"]
+    sweep(tmp_path, "--executor", "debug", "--name", "dbg", *grid, "adaptive_wgan.py", "--dataset", "dirac",
+          "--dirac-steps", "2000")
+    sweep(tmp_path, "--executor", "local", "--max-parallel", "2", "--name", "loc", *grid, "adaptive_wgan.py",
+          "--dataset", "dirac", "--dirac-steps", "2000")
+    run_script("adaptive_wgan.py", "--dataset", "dirac", "--dirac-steps", "2000", "--strategies", "fixed", "adaptive",
+               "--lams", "1", "3", "--run-name", "inproc", cwd=tmp_path)
+    in_process = (tmp_path / "runs/inproc/results.md").read_text()
+    assert "λ = 3" in in_process and in_process.count("| adaptive Dirac-GAN |") == 2
+    for name in ("dbg", "loc"):
+        assert (tmp_path / "runs/sweeps" / name / "table.md").read_text().endswith("\n\n" + in_process)
