@@ -383,13 +383,13 @@ def train(args: Args, cfg: Config, images: torch.Tensor, fid: FID | None, run_di
     checkpoint = run_dir / "checkpoint.pt"
     if args.resume is not None and checkpoint.exists():
         try:
-            ckpt = torch.load(checkpoint, map_location=device, weights_only=False)
+            ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)  # load_state_dict moves tensors
         except Exception as e:
             fail(f"{checkpoint} cannot be read ({type(e).__name__}): delete that folder to restart the configuration")
         for obj, key in ((G, "G"), (D, "D"), (opt_g, "opt_g"), (opt_d, "opt_d"), (batches, "batches")):
             obj.load_state_dict(ckpt[key])
-        noise_gen.set_state(ckpt["noise_gen"].cpu()), torch.set_rng_state(ckpt["torch_rng"].cpu())
-        torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["cuda_rng"]]) if ckpt["cuda_rng"] else None
+        noise_gen.set_state(ckpt["noise_gen"]), torch.set_rng_state(ckpt["torch_rng"])
+        torch.cuda.set_rng_state_all(ckpt["cuda_rng"]) if ckpt["cuda_rng"] and torch.cuda.is_available() else None
         it, u_g, u_d, r_g, r_d, previous, history = ckpt["counters"]
     writer = SummaryWriter(str(run_dir), purge_step=it or None)
     if it == 0:
