@@ -383,8 +383,8 @@ def write_figures(run_dir: Path, results: dict, sample_epochs: list[int], sample
     optimizers, lrs = (list(dict.fromkeys(c[k] for c in cells.values())) for k in ("optimizer", "lr"))
     fig1 = Figure(figsize=(2.6 * len(lrs), 2 * len(optimizers) + 0.4), layout="tight")
     fig4 = Figure(figsize=(4.2 * len(optimizers), 3.4), layout="tight")
-    axes1, axes4 = (fig.subplots(*shape, squeeze=False) for fig, shape in
-                    ((fig1, (len(optimizers), len(lrs))), (fig4, (1, len(optimizers)))))
+    axes1 = fig1.subplots(len(optimizers), len(lrs), squeeze=False)
+    axes4 = fig4.subplots(1, len(optimizers), squeeze=False)
     for name, cell in cells.items():
         row = optimizers.index(cell["optimizer"])
         ax = axes1[row, lrs.index(cell["lr"])]
@@ -403,7 +403,8 @@ def write_figures(run_dir: Path, results: dict, sample_epochs: list[int], sample
     for i, (name, cell) in enumerate(cells.items()):
         for k, (epoch, images) in enumerate(zip(sample_epochs, samples)):
             ax = fig3.add_subplot(len(cells), len(samples), i * len(samples) + k + 1, xticks=[], yticks=[])
-            ax.imshow(make_grid(images[i], nrow=images.shape[1], padding=1, pad_value=255)[0], cmap="gray")
+            grid = make_grid(images[i], nrow=images.shape[1], padding=1, pad_value=255)[0]
+            ax.imshow(grid, cmap="gray", vmin=0, vmax=255)
             ax.set_title(f"{name}, epoch {epoch}: {fid_text(cell, epoch)}", fontsize=6)
     if samples:
         fig3.savefig(run_dir / "fig3_samples.png", dpi=100)
@@ -443,7 +444,7 @@ def main() -> None:
             raise SystemExit(f"error: {run_dir} has no checkpoint.pt: only runs started with --save-model can be "
                              "resumed")
         try:
-            checkpoint = torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=True)
+            checkpoint = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
         except Exception as e:
             raise SystemExit(f"error: {run_dir / 'checkpoint.pt'} is not a readable checkpoint ({type(e).__name__}): "
                              "start a new run instead of --resume") from None
@@ -490,11 +491,11 @@ def main() -> None:
                                    checkpoint["g_params"] + checkpoint["d_params"] + checkpoint["opt_state"]):
                 mine.copy_(saved)
         batches.load_state_dict(checkpoint["batches"])
-        noise_rng.set_state(checkpoint["noise_rng"].cpu())
-        torch.set_rng_state(checkpoint["torch_rng"].cpu())
-        alive, diverged_at, window, window_n, done, loss_history, metric_history, samples = (
-            checkpoint[k] for k in ("alive", "diverged_at", "window", "window_n", "iteration", "loss_history",
-                                    "metric_history", "samples"))
+        noise_rng.set_state(checkpoint["noise_rng"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+        alive, diverged_at, window = (checkpoint[k].to(device) for k in ("alive", "diverged_at", "window"))
+        window_n, done, loss_history, metric_history, samples = (
+            checkpoint[k] for k in ("window_n", "iteration", "loss_history", "metric_history", "samples"))
 
     writer = SummaryWriter(str(run_dir), purge_step=done or None)
     if done == 0:
