@@ -452,6 +452,12 @@ def main() -> None:
             raise SystemExit(f"error: {run_dir / 'checkpoint.pt'} does not hold this script's grid {names}: resume it "
                              "without --optimizers/--lrs/--lr, or start a new run")
 
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("error: --track needs Weights & Biases: pip install wandb, or drop --track") from None
+
     # data (uint8 on the device, each batch converted to [-1, 1] when drawn) and the FID's real statistics, both
     # before the folder is created, so that a failure leaves nothing behind
     data = load_dataset(args.dataset, "train", image_size=28, root=args.data_root, num_samples=args.num_train or None)
@@ -465,10 +471,6 @@ def main() -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_atomic(json.dumps(asdict(args), indent=2), run_dir / "args.json")
     if args.track:
-        try:
-            import wandb
-        except ImportError:
-            raise SystemExit("error: --track needs Weights & Biases: pip install wandb, or drop --track") from None
         wandb.init(project=args.wandb_project_name, name=run_dir.name, config=asdict(args), sync_tensorboard=True,
                    dir=str(run_dir), resume="allow", id=run_dir.name)
 
