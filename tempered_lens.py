@@ -291,15 +291,12 @@ def discriminator_loss(gan: str, real_scores: torch.Tensor, fake_scores: torch.T
 
 def reconstruction_loss(real: torch.Tensor, lensed: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """L_R = ‖X − L(X)‖², eq. (2): mean over all elements, or summed over each image and averaged over the batch."""
-    squared = (real - lensed).pow(2)
-    return squared.mean() if reduction == "mean" else squared.flatten(1).sum(1).mean()
+    return (real - lensed).pow(2).mean() if reduction == "mean" else (real - lensed).pow(2).flatten(1).sum(1).mean()
 
 
 def lens_weight(step: int, k: int, fixed: float | None = None) -> float:
     """λ of eq. (4): 1 − sin(tπ/2K) for t ≤ K, 0 after (t: generator iterations from 0); or `fixed`."""
-    if fixed is not None:
-        return fixed
-    return 1.0 - math.sin(step * math.pi / (2 * k)) if step <= k else 0.0
+    return fixed if fixed is not None else 1.0 - math.sin(step * math.pi / (2 * k)) if step <= k else 0.0
 
 
 def gradient_penalty(D: nn.Module, real: torch.Tensor, fake: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -340,7 +337,7 @@ def lens_step(lens, D, lens_opt, real, lam: float, gan: str, reduction: str = "m
     lens_opt.step()
     D.requires_grad_(True)
     return {"losses/lens_loss": loss.detach(), "losses/lens_adversarial": adversarial.detach(),
-            "losses/lens_reconstruction": reconstruction.detach()}
+            "losses/lens_reconstruction": reconstruction.detach(), "charts/lambda": loss.new_tensor(lam)}
 
 
 def mode_statistics(labels: torch.Tensor, num_modes: int = 1000) -> tuple[int, float]:
@@ -455,8 +452,6 @@ def train(args: Args, seed: int, use_lens: bool, run_dir: Path, images: torch.Te
             values = dict(zip(stats, torch.stack(list(stats.values())).float().cpu().tolist()))  # one host sync
             for tag, value in values.items():
                 writer.add_scalar(tag, value, step)
-            if lens is not None:
-                writer.add_scalar("charts/lambda", lam, step)
             writer.add_scalar("charts/SPS", (step - last_step) / max(time.time() - last_time, 1e-9), step)
             last_step, last_time = step, time.time()
             bad = [k for k, v in values.items() if not math.isfinite(v)]
@@ -490,13 +485,9 @@ def train(args: Args, seed: int, use_lens: bool, run_dir: Path, images: torch.Te
     return result
 
 
-def fmt(value, digits: int = 2) -> str:
-    return "" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
 def summarize(results: list[dict]) -> str:
-    """Markdown table from the configurations' results.json dicts: one row per run (final FID, best FID and
-    its step, Stacked MNIST modes and KL at the end), then mean ± std over the finished seeds per lens setting."""
+    """Markdown table from the runs' results.json dicts: one row per run, then mean ± std per lens setting."""
+    fmt = lambda value, digits=2: "" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
     rows = []
     for r in results:
         finite = [e for e in r["evals"] if math.isfinite(e["fid"]["fid"])]
@@ -522,6 +513,17 @@ def summarize(results: list[dict]) -> str:
         if group:
             lines.append(f"| {setting} | {len(done)} / {len(group)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plot_fid_curves(results: list[dict], path: Path) -> None:
+    """FID against generator iterations, one line per run, with and without the lens (the paper's Figs. 5-6)."""
+    import matplotlib.pyplot as plt  # imported here: only the end of a comparison draws
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        ax.plot([e["step"] for e in r["evals"]], [e["fid"]["fid"] for e in r["evals"]], color="C0" if r["lens"] else "C1")
+    ax.legend(handles=[plt.Line2D([], [], color=c, label=f"{w} lens") for c, w in (("C0", "with"), ("C1", "without"))])
+    ax.set(xlabel="generator iteration", ylabel="FID")
+    fig.savefig(path, dpi=100, bbox_inches="tight"), plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -577,6 +579,7 @@ def main(argv: list[str] | None = None) -> None:
                                                     "device": str(device), "args": asdict(args), "runs": results}, indent=2))
     os.replace(run_dir / "results.tmp", run_dir / "results.json")
     (run_dir / "table.md").write_text(table)
+    plot_fid_curves(results, run_dir / "fid_curves.png")
     (run_dir / "results.md").write_text(("" if status == "finished" else f"**status: {status}**\n\n") + table)
     if status == "interrupted":
         print(f"interrupted: results in {run_dir}; " + (f"continue with: python {Path(__file__).name} --resume {run_dir}"

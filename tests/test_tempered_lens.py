@@ -404,6 +404,7 @@ def test_outputs_of_a_comparison_run(reference):
         assert r["evals"][-1]["fid"]["extractor"] == "digits-cnn(fake)" and r["evals"][-1]["fid"]["num_fake"] == 64
     assert (run / "table.md").read_text() == summarize(top["runs"]) and "| with | 1 / 1 |" in (run / "results.md").read_text()
     from PIL import Image
+    assert Image.open(run / "fid_curves.png").width > 300  # FID against iterations, with and without the lens
     assert Image.open(run / "lens__seed1/samples/step_0000040.png").width > \
         1.9 * Image.open(run / "no-lens__seed1/samples/step_0000040.png").width  # G(z) | L(x) tiles
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
