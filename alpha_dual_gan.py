@@ -491,8 +491,8 @@ def validate(args: Args) -> None:
                              betas=args.betas).items():  # α = inf is the paper's α = ∞
         if not all(0 <= v < 1 if name == "betas" else v > 0 and (v < math.inf or "alpha" in name) for v in values) \
                 or not values and "alpha" in name:
-            raise SystemExit(f"error: --{name.replace('_', '-')} is {getattr(args, name)}: give " + ("numbers in [0, 1)" if name ==
-                             "betas" else "finite numbers > 0" + " (or inf)" * ("alpha" in name)))
+            raise SystemExit(f"error: --{name.replace('_', '-')} is {getattr(args, name)}: give " + (
+                "numbers in [0, 1)" if name == "betas" else "finite numbers > 0" + " (or inf)" * ("alpha" in name)))
     for name, low in dict(num_seeds=1, epochs=1, batch_size=1, layers=1, widths=1, z_dim=1, model_width=1, num_train=0,
                           eval_every=0, threads=0, fid_samples=2).items():
         if min(np.atleast_1d(getattr(args, name))) < low:
