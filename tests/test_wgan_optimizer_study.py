@@ -15,7 +15,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import wgan_optimizer_study as study
 from conftest import REPO
 from wgan_optimizer_study import (PRESETS, Args, StackedOptimizer, critic, dropout_masks, generate, gradient_penalty,
                                   load_cell, make_critic, make_generator, parse_args, stack_params, summarize,
