@@ -378,3 +378,25 @@ def test_adaptive_wgan_dirac_grid_gives_the_in_process_table(tmp_path, run_scrip
     assert "λ = 3" in in_process and in_process.count("| adaptive Dirac-GAN |") == 2
     for name in ("dbg", "loc"):
         assert (tmp_path / "runs/sweeps" / name / "table.md").read_text().endswith("\n\n" + in_process)
+
+
+def ring_rows(paths) -> dict[tuple, dict]:
+    """(configuration, seed) → that seed's final ring metrics, from configurations' results.json files."""
+    return {(r["name"], row["seed"]): row for r in map(json.loads, (p.read_text() for p in paths))
+            for row in r["history"][-1]["per_seed"]}
+
+
+def test_alpha_dual_gan_seed_chunks_give_the_unchunked_per_seed_rows_and_table(tmp_path, run_script):
+    tiny = ["--num-train", "512", "--widths", "16", "16", "--layers", "1", "1", "--epochs", "3", "--batch-size", "64",
+            "--eval-every", "0", "--lr", "3e-3", "--seed", "5", "--alpha-ds", "0.5"]
+    sweep(tmp_path, "--executor", "debug", "--name", "chunked", "--seed-chunks", "4:2", "alpha_dual_gan.py", *tiny)
+    run_script("alpha_dual_gan.py", *tiny, "--num-seeds", "4", "--run-name", "whole", cwd=tmp_path)
+    sweep_dir = tmp_path / "runs/sweeps/chunked"
+    assert [e["flags"][-4:] for e in manifest(sweep_dir).values()] == [["--seed", "5", "--num-seeds", "2"],
+                                                                       ["--seed", "7", "--num-seeds", "2"]]
+    chunked = ring_rows((sweep_dir / "runs").glob("*/*/results.json"))
+    whole = ring_rows((tmp_path / "runs/whole").glob("*/results.json"))
+    assert sorted(seed for _, seed in chunked) == [5, 6, 7, 8] and chunked == whole  # bit for bit
+    assert len({row["kl"] for row in whole.values()}) == 4  # the seeds differ, so the rows say something
+    in_process = (tmp_path / "runs/whole/results.md").read_text()
+    assert (sweep_dir / "table.md").read_text().endswith("\n\n" + in_process)
