@@ -15,7 +15,8 @@ polynomial kernel, 10 IS splits, seed 2020).
 Two feature extractors:
 - "inception": the standard FID network (torch-fidelity's `inception-v3-compat`, TF-ported weights): 2048-d pool
   features and the `logits_unbiased` that IS needs, from one forward pass. Where there is no network, pass
-  `inception_weights=` the local `inception-2015-12-05-fid.pth`/`weights-inception-…pth`.
+  `inception_weights=` the local `inception-2015-12-05-fid.pth`/`weights-inception-…pth`. FID-only weight files
+  zero the classifier head: then there is no IS (said once, at construction), the other metrics are unaffected.
 - "digits": an in-domain CNN classifier for MNIST-like data (trained on first use on the real training set,
   cached under `{root}/classifiers/`). Its FID, KID and precision/recall live in its own 128-d feature space
   (the extractor name, e.g. "digits-cnn(mnist)", says so): *not* comparable with Inception numbers; no IS. It is
@@ -391,6 +392,7 @@ class FID:
                            f"{len(real_images)}: lower the FID sample count")
         self.device, self.batch_size, self.extractor = torch.device(device), batch_size, extractor
         self.progress, self._announced, self._sqrt_sigma_real = progress, False, None
+        self.has_classifier = False  # whether IS can be computed (Inception with a non-zero classifier head)
         if extractor == "digits":
             if dataset is None:
                 raise FIDError("the digit extractor needs the dataset name (mnist, fashion-mnist, stacked-mnist)")
@@ -403,6 +405,12 @@ class FID:
             self.extractor_name = "inception-v3-compat"
             weights = state_digest(self.net) + f"|torch-fidelity {torch_fidelity.__version__}"
             input_size = self.net.INPUT_IMAGE_SIZE
+            self.has_classifier = bool(self.net.fc.weight.detach().abs().sum() > 0)
+            if not self.has_classifier:  # FID-only weight files zero the 1008-way head: IS would read exactly 1.0
+                print(f"note: the Inception weights{'' if inception_weights is None else f' in {inception_weights}'}"
+                      " have no classifier (fc weights all zero, as in FID-only files), so no Inception Score is "
+                      "reported; FID, KID and precision/recall are unaffected. torch-fidelity's "
+                      "weights-inception-2015-12-05-6726825d.pth has the classifier")
         n = len(real_images) if num_samples is None else num_samples
         gen = torch.Generator().manual_seed(seed)
         index = (torch.randint(len(real_images), (n,), generator=gen) if replace
@@ -459,7 +467,8 @@ class FID:
             else:
                 f, l = self.net(batch.repeat(1, 3, 1, 1) if batch.shape[1] == 1 else batch)
                 feats.append(f.float().cpu())
-                logits.append(l.float().cpu())
+                if self.has_classifier:
+                    logits.append(l.float().cpu())
 
         label = "Inception" if self.extractor == "inception" else self.extractor_name
         with full_precision():

@@ -93,6 +93,20 @@ def test_inception_path_end_to_end_offline(tmp_path, random_inception_weights, s
     assert torch.equal(fid.features(to_float(real[:2])), grey)  # float in [-1, 1] → the same uint8 images
 
 
+def test_weights_without_a_classifier_give_no_inception_score(tmp_path, random_inception_weights, small_inception,
+                                                              capsys):
+    weights = torch.load(random_inception_weights, weights_only=True)
+    weights["fc.weight"].zero_()  # as in FID-only weight files: IS would read exactly 1.0
+    weights["fc.bias"].zero_()
+    path = tmp_path / "fid-only.pth"
+    torch.save(weights, path)
+    real, fake = real_and_fake(6, 6)
+    fid = FID(real, inception_weights=path, root=tmp_path, batch_size=6, progress=False)
+    assert capsys.readouterr().out.count("no Inception Score") == 1
+    out = fid.evaluate(fake)
+    assert "is_mean" not in out and np.isfinite(out["fid"]) and np.isfinite(out["kid_mean"])
+
+
 def test_missing_inception_weights_file_says_what_to_do(tmp_path):
     with pytest.raises(FIDError, match="weights-inception-2015-12-05"):
         FID(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), inception_weights=tmp_path / "nope.pth", root=tmp_path)
