@@ -255,7 +255,7 @@ def test_status_and_report_at_any_time(tmp_path, stand_in):
 
 
 def test_a_job_whose_sweep_process_died_is_not_started_twice(tmp_path, stand_in):
-    """The sweep process is killed (a lost login session) while its script runs on: the same command run meanwhile
+    """The sweep process is killed (a dropped ssh connection) while its script runs on: the same command run meanwhile
     leaves that job alone; run after the script ended, it records the run."""
     args = ["--executor", "debug", "--name", "s", "--grid", "x=1", "standin.py", "--steps", "25", "--pause", "0.1"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
