@@ -405,7 +405,7 @@ def aggregate(results: list[dict]) -> list[dict]:
         row = {"cell": "lsgan" if lsgan else f"({alpha_d:g}, {alpha_g:g})", "alpha_d": alpha_d, "alpha_g": alpha_g,
                "lsgan": lsgan, "loss": "lsgan" if lsgan else "clamped" if clamp else "exact", "lr": lr}
         if runs[0]["experiment"] == "ring":
-            per_seed = [p for r in runs for p in r["history"][-1]["per_seed"]]  # a stack, or seed chunks run apart
+            per_seed = list({p["seed"]: p for r in runs for p in r["history"][-1]["per_seed"]}.values())  # 1 row a seed
             ok = [r for r in per_seed if r["status"] != "diverged"] or [dict(modes=math.nan, hq=math.nan, kl=math.nan)]
             row.update({k: sum(r["status"] == k for r in per_seed) for k in RATES}, seeds=len(per_seed),
                        mean_modes=float(np.mean([r["modes"] for r in ok])), mean_hq=float(np.mean([r["hq"] for r in ok])),

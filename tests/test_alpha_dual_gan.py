@@ -379,6 +379,7 @@ def test_seed_chunks_run_apart_make_one_row():
     assert len(rows) == 1 and (rows[0]["seeds"], rows[0]["success"], rows[0]["failure"], rows[0]["diverged"]) == (4, 2, 1, 1)
     assert rows[0]["mean_modes"] == pytest.approx(16 / 3)  # over the 3 finite seeds
     assert "| (0.5, 1) | clamped | 0.0001 | 4 | 50 (" in adg.summarize(runs)
+    assert adg.summarize(runs + runs[:1]) == adg.summarize(runs)  # a seed trained by two jobs counts once
 
 
 def test_reused_run_name_refuses_and_keeps_the_first_run(run_main, tmp_path, capsys):
