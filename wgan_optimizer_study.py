@@ -353,6 +353,9 @@ def fid_text(cell: dict, epoch: int | None = None) -> str:
 def summarize(results: list[dict]) -> str:
     """Table I (rows lr, columns optimiser, FID at each cell's last evaluation, N/A = diverged) and every cell's
     FID after each evaluated epoch, as Markdown, from the results.json dicts of one or more runs."""
+    seeds = {}  # Table I has one number per cell: never let a second seed's cell silently replace the first's
+    if any(seeds.setdefault(name, r["args"]["seed"]) != r["args"]["seed"] for r in results for name in r["cells"]):
+        raise ValueError("the same cell appears with several seeds: build one Table I per seed")
     cells = {name: cell for r in results for name, cell in r["cells"].items()}
     optimizers = list(dict.fromkeys(c["optimizer"] for c in cells.values()))
     epochs = sorted({m["epoch"] for c in cells.values() for m in c["metrics"]})

@@ -365,6 +365,9 @@ def test_summarize_builds_table1_from_results():
                      "sgd_0.1": cell("sgd", 0.1, [], diverged_at=1),
                      "sgd_0.0001": cell("sgd", 1e-4, [(1, 60.0)], diverged_at=15)}}
     other = {"cells": {"rmsprop_0.1": cell("rmsprop", 0.1, [])}}
+    one["args"] = other["args"] = {"seed": 1}
+    with pytest.raises(ValueError, match="several seeds"):  # a second seed's cell never silently replaces the first
+        summarize([one, {"cells": {"adam_0.1": cell("adam", 0.1, [])}, "args": {"seed": 2}}])
     table = summarize([one, other])
     lines = table.splitlines()
     assert "digits-cnn(mnist), 100 real / 100 fake" in lines[0] and "(epoch 2)" in lines[0]
