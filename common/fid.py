@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -48,6 +49,7 @@ from common.datasets import Batches, load_dataset, to_float, to_uint8
 
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 DIGIT_DATASETS = ("mnist", "fashion-mnist", "stacked-mnist", "fake")
+BAR_INTERVAL = 0.1 if sys.stderr.isatty() else 30.0  # seconds between redraws: a log file gets a line every 30 s
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000   # torch-fidelity's defaults; the subset size shrinks to the sample count
 ISC_SPLITS, PRC_NEIGHBORHOOD, METRIC_SEED = 10, 3, 2020
 CACHE_VERSION = 2          # bump when the cached content or its meaning changes
@@ -294,7 +296,7 @@ def train_digit_cnn(images: torch.Tensor, labels: torch.Tensor, epochs: int, see
     batches = Batches(x, y, batch_size=min(batch_size, len(x)), generator=torch.Generator(device).manual_seed(seed))
     steps = epochs * batches.steps_per_epoch
     with full_precision(), tqdm(total=steps, desc=f"training the digit classifier ({epochs} epochs)", unit="step",
-                                disable=not progress, leave=False) as bar:
+                                disable=not progress, leave=False, mininterval=BAR_INTERVAL) as bar:
         for step in range(steps):
             xb, yb = batches.next()
             loss = F.cross_entropy(net(xb), yb)
@@ -477,7 +479,7 @@ class FID:
             if len(images) > step:
                 self._announce(min(step, len(images)) / (time.perf_counter() - start), len(images), what)
             with tqdm(total=len(images), initial=min(step, len(images)), desc=f"{label} features ({what})",
-                      unit="img", disable=not self.progress, leave=what == "real") as bar:
+                      unit="img", disable=not self.progress, leave=what == "real", mininterval=BAR_INTERVAL) as bar:
                 for i in range(step, len(images), step):
                     run(images[i:i + step])
                     bar.update(len(images[i:i + step]))
