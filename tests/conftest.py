@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -92,3 +93,28 @@ def run_script():
         return proc
 
     return run
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared CPU run far faster on one torch thread; the previous setting is restored afterwards.
+    A test module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class StopAfter:
+    """Stands in for a script's Ctrl-C event: is_set() turns true after n checks (the loop checks once per whole
+    step, and once before each configuration)."""
+
+    def __init__(self, n):
+        self.n, self.calls = n, 0
+
+    def is_set(self):
+        self.calls += 1
+        return self.calls > self.n
+
+    def set(self):
+        self.n = -10

@@ -22,16 +22,10 @@ import adaptive_wgan as aw
 from adaptive_wgan import (PRESETS, Args, build_models, change_ratios, clip_weights, configurations, critic_turn,
                            dirac_step, evaluate_losses, fixed_critic_turn, gan_losses, gradient_penalty, parse_args,
                            run_dirac, summarize, validate)
-from conftest import REPO
+from conftest import REPO, StopAfter
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared CPU run far faster on one thread; the previous setting is restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- the decision rule
@@ -319,20 +313,6 @@ def data_root(tmp_path_factory):
     """One data root for the module, so the digit classifier of the fake data is trained once."""
     return tmp_path_factory.mktemp("data")
 
-
-class StopAfter:
-    """Stands in for the Ctrl-C event: is_set() turns true after n checks (one per whole iteration, and one before
-    each configuration)."""
-
-    def __init__(self, n):
-        self.n, self.calls = n, 0
-
-    def is_set(self):
-        self.calls += 1
-        return self.calls > self.n
-
-    def set(self):
-        self.n = -10
 
 
 def run_main(argv, monkeypatch, stop=None):

@@ -20,16 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sqd_monitor as sqd
-from conftest import REPO
+from conftest import REPO, StopAfter
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared CPU run far faster on one thread; the previous setting is restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- James-Stein entropy
@@ -413,20 +407,6 @@ def test_table2_from_results_with_a_diverged_pair_and_reference_rows():
 TINY = ["--dataset", "fake", "--image-size", "16", "--width", "4", "--z-dim", "8", "--batch-size", "32",
         "--num-train", "128", "--num-quality", "32", "--num-diversity", "64", "--threads", "1"]
 
-
-class StopAfter:
-    """Stands in for the Ctrl-C event: is_set() turns true after n checks (one per whole step, one before each
-    pair)."""
-
-    def __init__(self, n):
-        self.n, self.calls = n, 0
-
-    def is_set(self):
-        self.calls += 1
-        return self.calls > self.n
-
-    def set(self):
-        self.n = -10
 
 
 def run_main(argv, monkeypatch, stop=None):
