@@ -37,7 +37,7 @@ NO_KERNEL = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::as
              "aten::slice", "aten::permute", "aten::lift_fresh", "aten::split", "aten::split_with_sizes",
              "aten::unbind", "aten::narrow", "aten::_unsafe_view", "aten::view_as", "aten::squeeze_", "aten::chunk",
              "aten::unsqueeze_", "aten::flatten", "aten::unflatten", "aten::expand_as", "aten::numpy_T",
-             "aten::result_type", "aten::is_nonzero", "aten::_local_scalar_dense", "aten::item"}
+             "aten::result_type", "aten::is_nonzero", "aten::_local_scalar_dense", "aten::item", "aten::resolve_conj", "aten::resolve_neg"}
 RESULT = "RESULT "
 _BASE_MIB = 0.0  # resident memory when setup() ran (after imports), subtracted from the CPU peak
 
