@@ -60,8 +60,10 @@ class Args:
     threads: int = 0
     """torch.set_num_threads (0 = torch's default)"""
     matmul_precision: Literal["auto", "highest", "high", "medium"] = "auto"
-    """auto: high (TF32) on CUDA, highest on CPU; medium: bf16-backed float32 matmuls on capable CPUs/GPUs;
-    metrics are always computed in full precision"""
+    """training matmuls: highest = full float32; high = TF32 on CUDA (float32 elsewhere); medium = bf16-backed
+    float32 on capable CPUs/GPUs (about 2× on a recent CPU); auto = high on CUDA, highest on CPU. Metrics: always full"""
+    compile: bool = False
+    """torch.compile the training step (G, D, losses, Adam; inductor): each configuration compiles first (tens of s)"""
     track: bool = False
     """also log to Weights & Biases (pip install wandb; honours WANDB_MODE=offline)"""
     wandb_project_name: str = "gan-stability"
@@ -122,7 +124,6 @@ class Args:
     """images: real and generated samples per FID (at most the held-out split)"""
     inception_weights: str | None = None
     """path of the FID Inception weights (pt_inception-2015-12-05 .pth) where there is no network"""
-
 
 
 IMAGES = dict(non_saturating=True, alpha_ds=(0.5, 0.6, 0.7, 0.8, 0.9, 1.0), lsgan=True, clamp_probs=True, num_seeds=50,
@@ -221,6 +222,7 @@ def train_step(gen_net, disc_net, opt_g, opt_d, real, noise, alive, alpha_d, alp
     """One 1:1 alternation as the authors' train_loop: D step on fake.detach(), then G through the updated D on the
     same fake batch. Ring: S×B×2 batches of S stacked seeds (dead members' losses masked to 0); images: one seed."""
     fake = gen_net(noise)
+    torch._dynamo.graph_break()  # no-op in eager; compiled, G's graph ends here so D's backward keeps what G's needs
     d_loss = discriminator_loss(disc_net(real).squeeze(-1), disc_net(fake.detach()).squeeze(-1), alpha_d, lsgan,
                                 clamp_probs)
     opt_d.zero_grad(set_to_none=True)
@@ -315,6 +317,8 @@ def train(args: Args, cfg: Config, train_x: torch.Tensor, noise: torch.Tensor, d
         gen_net, disc_net = (m.to(device) for m in dcgan(train_x.shape[-1], train_x.shape[1], args.z_dim, args.model_width))
         shuffles = [torch.Generator(device).manual_seed(cfg.seed)]
     opt_g, opt_d = (adam(m.parameters(), cfg.lr, args.betas, device) for m in (gen_net, disc_net))
+    step_fn = torch.compile(train_step) if args.compile else train_step  # compiled afresh per configuration:
+    torch._dynamo.reset()  # new modules and α would otherwise pile up recompilations in one cache
     n, batch, steps_per_epoch = len(train_x), args.batch_size, math.ceil(len(train_x) / args.batch_size)  # last: smaller
     total, step, history, perms = steps_per_epoch * args.epochs, 0, [], None
     alive, died_at = torch.ones(len(seeds), dtype=torch.bool, device=device), torch.full((len(seeds),), -1, device=device)
@@ -326,8 +330,7 @@ def train(args: Args, cfg: Config, train_x: torch.Tensor, noise: torch.Tensor, d
         for module, state in zip((gen_net, disc_net, opt_g, opt_d), ck["states"]):
             module.load_state_dict(state)
         alive, died_at, step, history = ck["alive"], ck["died_at"], ck["step"], ck["history"]
-        for g, state in zip(shuffles, ck["shuffles"]):  # as they were when the checkpoint's epoch began
-            g.set_state(state.cpu())
+        for g, state in zip(shuffles, ck["shuffles"]): g.set_state(state.cpu())  # noqa: E701 (as at its epoch's start)
         torch.set_rng_state(ck["rng"][0].cpu()), torch.cuda.set_rng_state_all([r.cpu() for r in ck["rng"][1:]])
     out.mkdir(parents=True, exist_ok=True)
     writer, start, start_step = SummaryWriter(str(out)), time.time(), step
@@ -342,8 +345,8 @@ def train(args: Args, cfg: Config, train_x: torch.Tensor, noise: torch.Tensor, d
         real, z = train_x[perms[0, :, k * batch:(k + 1) * batch]], noise[perms[1, :, k * batch:(k + 1) * batch]]
         real, z = (real, z) if ring else (to_float(real[0]), z[0])  # images: one seed, uint8 → [-1, 1] per batch
         # the paper's idea: D descends E ℓ_αD(1, D(x)) + E ℓ_αD(0, D(G(z))); G its own α_G objective
-        d_loss, g_loss, still_alive = train_step(gen_net, disc_net, opt_g, opt_d, real, z, alive, cfg.alpha_d,
-                                                 cfg.alpha_g, args.non_saturating, cfg.lsgan, cfg.clamp_probs)
+        d_loss, g_loss, still_alive = step_fn(gen_net, disc_net, opt_g, opt_d, real, z, alive, cfg.alpha_d,
+                                              cfg.alpha_g, args.non_saturating, cfg.lsgan, cfg.clamp_probs)
         died_at = torch.where(alive & ~still_alive, step, died_at)  # a non-finite seed is masked, reported diverged
         alive, step = still_alive, step + 1
         bar.update(1)
@@ -574,13 +577,11 @@ def main() -> None:
             break
     status = ("interrupted" if len(results) < len(configs) or results[-1]["status"] == "interrupted" else
               "diverged" if all(r["status"] == "diverged" for r in results) else "finished")
-    (run_dir / "results.tmp").write_text(json.dumps({"status": status, "script": Path(__file__).name, "run_name":
-                                                     run_dir.name, "device": str(device), "args": asdict(args),
-                                                     "configs": aggregate(results),
-                                                     "figures": draw_figures(results, run_dir)}, indent=2))
+    summary = {"status": status, "script": Path(__file__).name, "run_name": run_dir.name, "device": str(device),
+               "args": asdict(args), "configs": aggregate(results), "figures": draw_figures(results, run_dir)}
+    (run_dir / "results.tmp").write_text(json.dumps(summary, indent=2))
     os.replace(run_dir / "results.tmp", run_dir / "results.json")
-    table = summarize(results)
-    (run_dir / "table.md").write_text(table)
+    (run_dir / "table.md").write_text(table := summarize(results))
     (run_dir / "results.md").write_text(("" if status == "finished" else f"**Status: {status}.**\n\n") + table)
     if status == "interrupted":
         print(f"interrupted: results so far in {run_dir / 'results.md'}; " + (
@@ -588,8 +589,7 @@ def main() -> None:
             else "no checkpoint (run without --save-model)"))
         sys.exit(130)
     print(table + (f"\nevery configuration diverged: see {run_dir / 'results.md'}" if status == "diverged" else ""))
-    if status == "diverged":
-        sys.exit(3)
+    sys.exit(3 if status == "diverged" else 0)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ AlphaLoss, the tilted optimal discriminator by numerical minimisation, the ring 
 the authors' per-sample compute_metrics loop, stacked training against plain nn.Linear + Adam per seed, operator
 counts independent of the stack size, masking of a non-finite seed, and subprocess runs of the run lifecycle
 (reused names, bad numbers, Ctrl-C, bit-identical --resume, all-diverged exit code, presets)."""
+import copy
 import json
 import math
 import os
@@ -278,6 +279,79 @@ def test_operator_calls_do_not_grow_with_stack_size():
     assert counts[1] > 20 and len(set(counts.values())) == 1, counts
 
 
+def run_steps(step_fn, nets, steps: int = 3, seed: int = 0, **kw):
+    """`steps` training steps of fresh copies of `nets` (gen_net, disc_net); per step the losses and every gradient."""
+    gen_net, disc_net = (copy.deepcopy(m) for m in nets)
+    opt_g, opt_d = (adg.adam(m.parameters(), 1e-4, (0.9, 0.99), torch.device("cpu")) for m in (gen_net, disc_net))
+    gen, record = torch.Generator().manual_seed(seed), []
+    for _ in range(steps):
+        real, noise = torch.randn(*kw["real"], generator=gen), torch.randn(*kw["noise"], generator=gen)
+        alive = torch.ones(kw["real"][0] if kw.get("stacked", True) else 1, dtype=torch.bool)
+        d_loss, g_loss, _ = step_fn(gen_net, disc_net, opt_g, opt_d, real, noise, alive, 0.5, 1.2, False,
+                                    kw.get("lsgan", False), kw.get("clamp_probs", False))
+        record.append([d_loss, g_loss] + [p.grad.clone() for m in (gen_net, disc_net) for p in m.parameters()])
+    return record, [p.detach() for m in (gen_net, disc_net) for p in m.parameters()]
+
+
+def assert_records_close(a, b, rtol, atol):
+    for step_a, step_b in zip(a, b):
+        for x, y in zip(step_a, step_b):
+            torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("clamp_probs", [False, True])
+def test_compiled_step_matches_eager(clamp_probs):
+    """--compile traces the same train_step. Inductor fuses and reorders float32 reductions, so losses and gradients
+    may differ in the last bits (~1e-6 relative); gradients are compared at every step (Adam would hide a wrong
+    gradient magnitude: its first steps are ±lr whatever the scale), parameters after 3 steps to 1% of one step."""
+    nets = adg.ring_networks([1, 2], width_g=16, width_d=8, g_layers=2, d_layers=2)[:2]
+    shapes = dict(real=(2, 32, 2), noise=(2, 32, 2), clamp_probs=clamp_probs)
+    eager, eager_params = run_steps(adg.train_step, nets, **shapes)
+    torch._dynamo.reset()
+    compiled, compiled_params = run_steps(torch.compile(adg.train_step), nets, **shapes)
+    assert_records_close(eager, compiled, rtol=1e-4, atol=1e-6)
+    for x, y in zip(eager_params, compiled_params):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+
+
+def test_compiled_image_step_matches_eager():
+    """The DCGAN path (BatchNorm in training mode, one seed) compiled: same losses, gradients and parameters."""
+    torch.manual_seed(0)
+    nets = adg.dcgan(28, 3, z_dim=8, width=4)
+    shapes = dict(real=(4, 3, 28, 28), noise=(4, 8), stacked=False)
+    eager, eager_params = run_steps(adg.train_step, nets, steps=2, **shapes)
+    torch._dynamo.reset()
+    compiled, compiled_params = run_steps(torch.compile(adg.train_step), nets, steps=2, **shapes)
+    assert_records_close(eager, compiled, rtol=1e-4, atol=1e-5)
+    for x, y in zip(eager_params, compiled_params):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+
+
+def test_medium_precision_training_stays_close_and_metrics_do_not_change():
+    """--matmul-precision medium (bf16-backed float32 matmuls where the CPU has them; bf16 keeps 8 significant bits,
+    ~4e-3 relative per product): three ring steps agree with full float32 to 2% in losses and gradients. The ring
+    metrics of the same samples are bit-identical whatever the setting (metrics run in full precision)."""
+    nets = adg.ring_networks([1, 2], width_g=64, width_d=32, g_layers=2, d_layers=2)[:2]
+    shapes = dict(real=(2, 64, 2), noise=(2, 64, 2))
+    centers = torch.tensor([[math.cos(2 * math.pi * i / 8), math.sin(2 * math.pi * i / 8)] for i in range(8)])
+    gen = torch.Generator().manual_seed(5)  # points within ±2% of the high-quality radius 3·0.01: decided by rounding
+    angle = 2 * math.pi * torch.rand(3, 4096, generator=gen)
+    radius = 0.03 * (1 + 0.04 * (torch.rand(3, 4096, generator=gen) - 0.5))
+    offsets = radius[..., None] * torch.stack([angle.cos(), angle.sin()], -1)
+    samples = centers[torch.randint(8, (3, 4096), generator=gen)] + offsets
+    try:
+        highest, _ = run_steps(adg.train_step, nets, **shapes)
+        metrics_highest = adg.ring_metrics(samples, centers, 0.01)
+        torch.set_float32_matmul_precision("medium")
+        medium, _ = run_steps(adg.train_step, nets, **shapes)
+        metrics_medium = adg.ring_metrics(samples, centers, 0.01)
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert_records_close(highest, medium, rtol=2e-2, atol=2e-3)
+    for key in metrics_highest:
+        assert torch.equal(metrics_highest[key], metrics_medium[key]), key
+
+
 def test_non_finite_seed_is_masked_and_others_continue():
     seeds = [1, 2, 3]
     nets = [adg.ring_networks(seeds, width_g=16, width_d=8) for _ in range(2)]
@@ -365,6 +439,17 @@ def test_ring_grid_smoke(run_main, tmp_path):
         assert md.count(title) == 2, title  # one grid per loss form
     assert (out / "alpha_d_sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert md == (out / "table.md").read_text() == adg.summarize(list(configs.values()))  # rebuilt from the files
+
+
+def test_compiled_run_writes_finished_results(run_main, tmp_path):
+    assert run_main(*TINY_RING, "--compile", "--epochs", "2", "--run-name", "compiled") == 0
+    out = tmp_path / "compiled"
+    result, configs = json.loads((out / "results.json").read_text()), config_results(out)
+    assert result["status"] == "finished" and result["args"]["compile"] is True
+    assert json.loads((out / "args.json").read_text())["compile"] is True
+    (config,) = configs.values()
+    assert config["status"] == "finished" and config["steps"] == 4 and config["diverged_at_step"] == [-1, -1]
+    assert all(0 <= r["modes"] <= 8 for r in config["history"][-1]["per_seed"])
 
 
 def test_seed_chunks_run_apart_make_one_row():
