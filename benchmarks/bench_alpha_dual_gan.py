@@ -1,26 +1,28 @@
 """Speed of the stacked ring training of alpha_dual_gan.py: seed-epochs/s (one epoch = 391 steps of 128
 points per seed) for 1 seed and for N stacked seeds, against a plain one-seed loop (nn.Linear layers +
-torch.optim.Adam, the usual way to write the experiment), with operator calls per step and peak memory.
+torch.optim.Adam, the usual way to write the experiment), with operator calls per step and peak memory, in one
+mode (--compile, --matmul-precision) or in all four (--matrix: eager / compiled × highest / medium, each in a
+fresh process).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_alpha_dual_gan.py --stacks 1 8 32 --steps 40
-    OMP_NUM_THREADS=1 python benchmarks/bench_alpha_dual_gan.py --layers 1 --stacks 1 16 64 --steps 200   # cpu-mini depth
-    python benchmarks/bench_alpha_dual_gan.py --stacks 1 50 200 --steps 200      # on a GPU
+    python benchmarks/bench_alpha_dual_gan.py --matrix --threads 1 --stacks 1 32 --steps 40
+    python benchmarks/bench_alpha_dual_gan.py --threads 1 --stacks 1 8 32 --steps 40   # eager, full float32
+    python benchmarks/bench_alpha_dual_gan.py --threads 1 --layers 1 --stacks 1 16 64 --steps 200   # cpu-mini depth
+    python benchmarks/bench_alpha_dual_gan.py --matrix --stacks 1 50 200 --steps 200   # on a GPU
 """
 from __future__ import annotations
 
-import resource
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import tyro
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import alpha_dual_gan as adg  # noqa: E402
+import harness  # noqa: E402
 from common.datasets import ring_data  # noqa: E402
 
 STEPS_PER_EPOCH = 391
@@ -42,27 +44,14 @@ class Args:
     """also time a plain single-seed loop (nn.Sequential of nn.Linear, torch.optim.Adam)"""
     cuda: bool = True
     """use CUDA when available"""
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_steps(step, num_steps: int, device) -> tuple[int, float]:
-    """Warm up with 3 steps, count aten operator calls of one step with the profiler, then time `num_steps`
-    steps. Returns (operator calls per step, seconds)."""
-    for k in range(3):
-        step(k)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step(3)
-    ops = sum(1 for e in prof.events() if e.name.startswith("aten::"))
-    sync(device)
-    start = time.perf_counter()
-    for k in range(num_steps):
-        step(k)
-    sync(device)
-    return ops, time.perf_counter() - start
+    compile: bool = False
+    """torch.compile the training step (as alpha_dual_gan.py --compile)"""
+    matmul_precision: Literal["highest", "high", "medium"] = "highest"
+    """float32 matmul precision of training (as alpha_dual_gan.py --matmul-precision)"""
+    threads: int = 0
+    """torch threads (0 = torch's default)"""
+    matrix: bool = False
+    """run all four modes (eager / compiled × highest / medium), each in a fresh process, and print one table"""
 
 
 def bench_stack(num_seeds: int, args: Args, ring, device) -> dict:
@@ -73,19 +62,16 @@ def bench_stack(num_seeds: int, args: Args, ring, device) -> dict:
     train, noise = ring.train.to(device), ring.train_noise.to(device)
     perms = torch.stack([torch.randperm(len(train), generator=g, device=device) for g in gens])
     alive = torch.ones(num_seeds, dtype=torch.bool, device=device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    torch._dynamo.reset()
+    train_step = torch.compile(adg.train_step) if args.compile else adg.train_step  # as the script's switch
 
-    def step(k):
-        idx = perms[:, (k % STEPS_PER_EPOCH) * 128:(k % STEPS_PER_EPOCH + 1) * 128]
-        return adg.train_step(gen_net, disc_net, opt_g, opt_d, train[idx], noise[idx], alive, args.alpha_d,
-                              args.alpha_g, False)
+    def step(k):  # full batches only (the epoch's last, smaller batch would time a recompilation)
+        idx = perms[:, (k % (STEPS_PER_EPOCH - 1)) * 128:(k % (STEPS_PER_EPOCH - 1) + 1) * 128]
+        return train_step(gen_net, disc_net, opt_g, opt_d, train[idx], noise[idx], alive, args.alpha_d,
+                          args.alpha_g, False)
 
-    ops, seconds = time_steps(step, args.steps, device)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
-    return {"seeds": num_seeds, "steps_per_s": args.steps / seconds,
-            "seed_epochs_per_s": num_seeds * args.steps / seconds / STEPS_PER_EPOCH, "ops_per_step": ops,
-            "peak_mib": peak}
+    r = harness.measure(step, args.steps, device)
+    return {"seeds": num_seeds, **r, "seed_epochs_per_s": num_seeds * r["steps_per_s"] / STEPS_PER_EPOCH}
 
 
 def bench_plain(args: Args, ring, device) -> dict:
@@ -115,24 +101,28 @@ def bench_plain(args: Args, ring, device) -> dict:
         g_loss.backward()
         opt_g.step()
 
-    ops, seconds = time_steps(step, args.steps, device)
-    return {"seeds": "1 (plain loop)", "steps_per_s": args.steps / seconds,
-            "seed_epochs_per_s": args.steps / seconds / STEPS_PER_EPOCH, "ops_per_step": ops, "peak_mib": float("nan")}
+    r = harness.measure(step, args.steps, device)
+    return {"seeds": "1 (plain loop, eager)", **r, "seed_epochs_per_s": r["steps_per_s"] / STEPS_PER_EPOCH}
 
+
+COLUMNS = {"mode": "mode", "seeds": "seeds", "steps_per_s": "steps/s", "seed_epochs_per_s": "seed-epochs/s",
+           "s_per_seed_epoch": "s per seed-epoch", "op_calls": "operator calls / step", "peak_mib": "peak MiB (CPU: process so far)",
+           "warmup_s": "first 3 steps (s)"}
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if args.matrix:
+        print(harness.markdown(harness.run_matrix(__file__, sys.argv[1:]), COLUMNS))
+        sys.exit()
+    harness.setup(args.compile, args.matmul_precision, args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
     ring = ring_data()
-    print(f"device {device}, torch threads {torch.get_num_threads()}, {args.steps} timed steps, "
-          f"α = ({args.alpha_d}, {args.alpha_g}), {args.layers} hidden layers, one epoch = {STEPS_PER_EPOCH} steps of 128")
-    rows = [bench_plain(args, ring, device)] if args.plain else []
-    for n in args.stacks:
-        rows.append(bench_stack(n, args, ring, device))
-    print(f"{'seeds':>16} {'steps/s':>9} {'seed-epochs/s':>14} {'s per seed-epoch':>17} {'aten ops/step':>14} {'peak MiB':>9}")
+    mode = harness.mode_name(args.compile, args.matmul_precision)
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, {mode}, {args.steps} timed "
+          f"steps, α = ({args.alpha_d}, {args.alpha_g}), {args.layers} hidden layers, one epoch = {STEPS_PER_EPOCH} "
+          "steps of 128", file=sys.stderr)
+    rows = [bench_plain(args, ring, device)] if args.plain and not args.compile else []
+    rows += [bench_stack(n, args, ring, device) for n in args.stacks]
     for r in rows:
-        print(f"{str(r['seeds']):>16} {r['steps_per_s']:9.2f} {r['seed_epochs_per_s']:14.4f} "
-              f"{1 / r['seed_epochs_per_s']:17.2f} {r['ops_per_step']:14d} {r['peak_mib']:9.1f}")
-    print(f"max RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+        harness.emit({"mode": mode, **r, "s_per_seed_epoch": 1 / r["seed_epochs_per_s"]})
+    print(harness.markdown([{"mode": mode, **r, "s_per_seed_epoch": 1 / r["seed_epochs_per_s"]} for r in rows], COLUMNS))
