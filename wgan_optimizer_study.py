@@ -115,8 +115,10 @@ class Args:
     threads: int = 0
     """torch.set_num_threads for the CPU (0: torch's default)"""
     matmul_precision: Literal["auto", "highest", "high", "medium"] = "auto"
-    """auto: high (TF32) on CUDA, highest on CPU; medium: bf16-backed float32 matmuls on capable CPUs/GPUs;
-    metrics are always computed in full precision"""
+    """training matmuls: highest = full float32; high = TF32 on CUDA (float32 elsewhere); medium = bf16-backed
+    float32 on capable CPUs/GPUs (about 2× on a recent CPU); auto = high on CUDA, highest on CPU. Metrics: always full"""
+    compile: bool = False
+    """torch.compile the generator iteration (critic steps with the penalty via torch.func, G step, the optimisers)"""
 
 
 PRESETS: dict[str, Args] = {
@@ -162,11 +164,10 @@ def parse_args(argv: list[str] | None = None) -> Args:
 
 def validate(args: Args) -> None:
     """Every user error, before anything is written: one line naming the flag that fixes it."""
-    for flag, values in (("--lr", [args.lr]), ("--lrs", args.lrs), ("--gp-weight", [args.gp_weight]),
-                         ("--dropout", [args.dropout])):
-        for value in values:
-            if not math.isfinite(value):
-                raise SystemExit(f"error: {flag} is {value}: give a finite number")
+    for flag, value in [("--lr", args.lr), ("--gp-weight", args.gp_weight), ("--dropout", args.dropout)] + [
+            ("--lrs", lr) for lr in args.lrs]:
+        if not math.isfinite(value):
+            raise SystemExit(f"error: {flag} is {value}: give a finite number")
     problems = {f"{flag} is {value}: give a positive number": value < 1 for flag, value in (
         ("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--z-dim", args.z_dim),
         ("--n-critic", args.n_critic), ("--log-every", args.log_every))} | {
@@ -216,8 +217,7 @@ def load_cell(module: nn.Module, params: list[torch.Tensor], cell: int) -> nn.Mo
     layers = [m for m in module.modules() if isinstance(m, nn.Linear)]
     with torch.no_grad():
         for layer, weight, bias in zip(layers, params[0::2], params[1::2]):
-            layer.weight.copy_(weight[cell].t())
-            layer.bias.copy_(bias[cell, 0])
+            layer.weight.copy_(weight[cell].t()), layer.bias.copy_(bias[cell, 0])
     return module
 
 
@@ -227,9 +227,7 @@ def mlp(params: list[torch.Tensor], x: torch.Tensor, masks: list[torch.Tensor] |
     for i in range(num_layers):
         x = torch.baddbmm(params[2 * i + 1], x, params[2 * i])
         if i < num_layers - 1:
-            x = F.leaky_relu(x, 0.2)
-            if masks is not None:
-                x = x * masks[i]
+            x = F.leaky_relu(x, 0.2) if masks is None else F.leaky_relu(x, 0.2) * masks[i]
     return x
 
 
@@ -254,12 +252,29 @@ def dropout_masks(uniform: torch.Tensor, p: float, widths: list[int]) -> list[to
 def gradient_penalty(d_params, interp: torch.Tensor, masks, per_pixel: bool) -> torch.Tensor:
     """Per cell: E_x̂[(‖∇_x̂ D(x̂)‖₂ − 1)²] over the batch (Gulrajani et al., eq. 3), or with per_pixel the
     authors' code: the norm over the (size-1) channel axis, i.e. E over samples and pixels of (|∂D/∂x̂_p| − 1)².
-    interp: C×B×784. Returns C values, differentiable w.r.t. the critic's parameters."""
-    interp = interp.detach().requires_grad_(True)
-    (grad,) = torch.autograd.grad(critic(d_params, interp, masks).sum(), interp, create_graph=True)  # rows independent
-    if per_pixel:
-        return ((grad.abs() - 1) ** 2).mean(dim=(1, 2))
-    return ((grad.norm(2, dim=-1) - 1) ** 2).mean(dim=1)
+    interp: C×B×784. Returns C values, differentiable w.r.t. the critic's parameters (torch.func: compilable)."""
+    grad = torch.func.grad(lambda x: critic(d_params, x, masks).sum())(interp.detach())  # rows independent
+    return ((grad.abs() - 1) ** 2).mean(dim=(1, 2)) if per_pixel else ((grad.norm(2, dim=-1) - 1) ** 2).mean(dim=1)
+
+
+def critic_loss(d_params, real: torch.Tensor, fake: torch.Tensor, uniforms: torch.Tensor, args: Args):
+    """−W + λ·GP per cell from C×B×784 real, fake and one critic step's uniforms; summed for the gradient (aux: per cell)."""
+    batch, widths = real.shape[1], [p.shape[-1] for p in d_params[0:-2:2]]
+    masks = dropout_masks(uniforms[..., :-1], args.dropout, widths)
+    scores = critic(d_params, torch.cat([real, fake], 1), [m[:, :2 * batch] for m in masks])
+    wasserstein = scores[:, :batch].mean(1) - scores[:, batch:].mean(1)   # eq. (2): E[D(x)] − E[D(G(z))]
+    eps = uniforms[:, 2 * batch:, -1:]
+    interp = eps * real + (1 - eps) * fake                                # x̂ = εx + (1 − ε)G(z), ε per sample
+    gp = gradient_penalty(d_params, interp, [m[:, 2 * batch:] for m in masks], args.penalty == "per-pixel")
+    loss = -wasserstein + args.gp_weight * gp                             # the critic maximises W − λ·GP
+    return loss.sum(), (loss, gp, wasserstein)
+
+
+def generator_loss(g_params, d_params, z: torch.Tensor, uniforms: torch.Tensor, args: Args):
+    """min_G −E[D(G(z))] per cell, summed for the gradient; aux: the C values."""
+    masks = dropout_masks(uniforms, args.dropout, [p.shape[-1] for p in d_params[0:-2:2]])
+    g_loss = -critic(d_params, generate(g_params, z), masks).mean(1)
+    return g_loss.sum(), g_loss
 
 
 class StackedOptimizer:
@@ -304,38 +319,32 @@ class StackedOptimizer:
             # float32's 3.4e38, i.e. entries around 1e32: no longer a working network either)
             finite &= (v.sum(dims) + new_params[-1].sum(dims)).isfinite()
         for p, new in zip(self.params, new_params):
-            torch.where(finite.view((-1,) + (1,) * (p.dim() - 1)), new, p, out=p)
+            p.copy_(torch.where(finite.view((-1,) + (1,) * (p.dim() - 1)), new, p))
         return finite
 
 
 def train_iteration(g_params, d_params, g_opt: StackedOptimizer, d_opt: StackedOptimizer, real: torch.Tensor,
-                    alive: torch.Tensor, args: Args, gen: torch.Generator):
-    """One generator iteration of every cell at once: args.n_critic critic updates on one real batch B×784 (fresh
-    noise each), then one generator update. gen draws the noise, interpolation weights and dropout uniforms.
-    Returns stats 4×C (critic loss, GP, W estimate, G loss) and the alive mask (see StackedOptimizer.step)."""
-    num_cells, batch = alive.numel(), len(real)
+                    alive: torch.Tensor, args: Args, gen: torch.Generator, step=None):
+    """One generator iteration of every cell: args.n_critic critic updates on one real batch B×784 (fresh noise each),
+    then one generator update. gen draws all noise, dropout uniforms and ε first; `step` (`iteration`, or compiled)
+    does the arithmetic. Returns stats 4×C (critic loss, GP, W estimate, G loss) and the alive mask (see StackedOptimizer)."""
+    num_cells, batch, widths = alive.numel(), len(real), sum(p.shape[-1] for p in d_params[0:-2:2])
     draw = dict(generator=gen, device=real.device, dtype=real.dtype)
-    real = real.unsqueeze(0).expand(num_cells, -1, -1)                        # every cell sees the same batch
-    widths = [p.shape[-1] for p in d_params[0:-2:2]]
-    for _ in range(args.n_critic):
-        z = torch.randn(num_cells, batch, args.z_dim, **draw)
-        with torch.no_grad():
-            fake = generate(g_params, z)
-        uniforms = torch.rand(num_cells, 3 * batch, sum(widths) + 1, **draw)  # dropout: real, fake, x̂; and ε
-        masks = dropout_masks(uniforms[..., :-1], args.dropout, widths)
-        scores = critic(d_params, torch.cat([real, fake], 1), [m[:, :2 * batch] for m in masks])
-        wasserstein = scores[:, :batch].mean(1) - scores[:, batch:].mean(1)   # eq. (2): E[D(x)] − E[D(G(z))]
-        eps = uniforms[:, 2 * batch:, -1:]
-        interp = eps * real + (1 - eps) * fake                                # x̂ = εx + (1 − ε)G(z), ε per sample
-        gp = gradient_penalty(d_params, interp, [m[:, 2 * batch:] for m in masks], args.penalty == "per-pixel")
-        loss = -wasserstein + args.gp_weight * gp                             # the critic maximises W − λ·GP
-        grads = torch.autograd.grad(loss.sum(), d_params)     # cells are independent: the sum keeps each one's scale
+    critic_draws = [(torch.randn(num_cells, batch, args.z_dim, **draw), torch.rand(num_cells, 3 * batch, widths + 1,
+                                                                                     **draw)) for _ in range(args.n_critic)]
+    z = torch.randn(num_cells, batch, args.z_dim, **draw) if args.g_noise == "fresh" else critic_draws[-1][0]
+    return (step or iteration)(g_params, d_params, g_opt, d_opt, real, alive, args, critic_draws, z,
+                               torch.rand(num_cells, batch, widths, **draw))
+
+
+def iteration(g_params, d_params, g_opt, d_opt, real, alive, args, critic_draws, z, g_uniforms):
+    """train_iteration's arithmetic on drawn random numbers: no generator object, no host sync (compilable)."""
+    real = real.unsqueeze(0).expand(alive.numel(), -1, -1)                    # every cell sees the same batch
+    for z_critic, uniforms in critic_draws:
+        fake = generate([p.detach() for p in g_params], z_critic)
+        grads, (loss, gp, wasserstein) = torch.func.grad(critic_loss, has_aux=True)(d_params, real, fake, uniforms, args)
         alive = d_opt.step(grads, alive & torch.isfinite(loss))
-    if args.g_noise == "fresh":
-        z = torch.randn(num_cells, batch, args.z_dim, **draw)
-    masks = dropout_masks(torch.rand(num_cells, batch, sum(widths), **draw), args.dropout, widths)
-    g_loss = -critic(d_params, generate(g_params, z), masks).mean(1)          # min_G −E[D(G(z))]
-    grads = torch.autograd.grad(g_loss.sum(), g_params)
+    grads, g_loss = torch.func.grad(generator_loss, has_aux=True)(g_params, d_params, z, g_uniforms, args)
     alive = g_opt.step(grads, alive & torch.isfinite(g_loss))
     return torch.stack([loss, gp, wasserstein, g_loss]).detach(), alive
 
@@ -397,11 +406,9 @@ def write_figures(run_dir: Path, results: dict, sample_epochs: list[int], sample
                      fontsize=8)
         epochs, fids = zip(*[(m["epoch"], m["fid"]) for m in cell["metrics"]]) if cell["metrics"] else ((), ())
         axes4[0, row].plot(epochs, fids, "o-", label=f"lr {cell['lr']:g}")
-        axes4[0, row].set(title=cell["optimizer"], xlabel="epoch", ylabel="FID")
-        axes4[0, row].legend(fontsize=7)
+        axes4[0, row].set(title=cell["optimizer"], xlabel="epoch", ylabel="FID"), axes4[0, row].legend(fontsize=7)
     axes1[0, 0].legend(fontsize=6)
-    fig1.savefig(run_dir / "fig1_losses.png", dpi=100)
-    fig4.savefig(run_dir / "fig4_fid.png", dpi=100)
+    fig1.savefig(run_dir / "fig1_losses.png", dpi=100), fig4.savefig(run_dir / "fig4_fid.png", dpi=100)
     fig3 = Figure(figsize=(1.9 * len(samples), 0.75 * len(cells) + 0.4), layout="tight")
     for i, (name, cell) in enumerate(cells.items()):
         for k, (epoch, images) in enumerate(zip(sample_epochs, samples)):
@@ -416,10 +423,7 @@ def write_figures(run_dir: Path, results: dict, sample_epochs: list[int], sample
 def save_atomic(obj, path: Path) -> None:
     """torch.save or a str (written as text) to a temporary file, then renamed: never a half-written file."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    if isinstance(obj, str):
-        tmp.write_text(obj)
-    else:
-        torch.save(obj, tmp)
+    tmp.write_text(obj) if isinstance(obj, str) else torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
@@ -461,8 +465,7 @@ def main() -> None:
         except ImportError:
             raise SystemExit("error: --track needs Weights & Biases: pip install wandb, or drop --track") from None
 
-    # data (uint8 on the device, each batch converted to [-1, 1] when drawn) and the FID's real statistics, both
-    # before the folder is created, so that a failure leaves nothing behind
+    # data (uint8 on the device, batches to [-1, 1] when drawn), FID's real statistics: before the folder exists
     data = load_dataset(args.dataset, "train", image_size=28, root=args.data_root, num_samples=args.num_train or None)
     batches = Batches(data.x.to(device).flatten(1), batch_size=args.batch_size, drop_last=False,
                       generator=torch.Generator(device).manual_seed(args.seed))
@@ -484,6 +487,7 @@ def main() -> None:
     g_opt, d_opt = StackedOptimizer(g_params, cell_opts, cell_lrs), StackedOptimizer(d_params, cell_opts, cell_lrs)
     opt_state = [t for opt in (g_opt, d_opt) for t in (opt.step_count, *opt.exp_avg, *opt.exp_avg_sq)]
     noise_rng = torch.Generator(device).manual_seed(args.seed + 2)
+    step = torch.compile(iteration) if args.compile else iteration   # first iterations compile (tens of seconds)
     alive = torch.ones(num_cells, dtype=torch.bool, device=device)
     diverged_at = torch.zeros(num_cells, dtype=torch.long, device=device)     # generator iteration, 0 = alive
     window, window_n, done = torch.zeros(4, num_cells, device=device), 0, 0   # loss sums since the last log
@@ -516,11 +520,10 @@ def main() -> None:
     bar = tqdm(initial=done, total=total, unit="it", dynamic_ncols=True, disable=not sys.stdout.isatty())
     t_window = time.time()
     while not last:
-        # Every (optimiser, lr) cell takes the same WGAN-GP iteration on the same real batch: n_critic critic steps
-        # with the gradient penalty, then one generator step, each cell with its own update rule and step size.
-        # A cell whose loss, gradients or new weights are not finite is frozen and counts as diverged (N/A).
+        # Every cell takes the same WGAN-GP iteration on the same real batch (n_critic penalised critic steps, one
+        # G step) with its own update rule and lr; a non-finite loss, gradient or weight freezes it (N/A).
         (real,) = batches.next()
-        stats, now_alive = train_iteration(g_params, d_params, g_opt, d_opt, to_float(real), alive, args, noise_rng)
+        stats, now_alive = train_iteration(g_params, d_params, g_opt, d_opt, to_float(real), alive, args, noise_rng, step)
         done += 1
         diverged_at = torch.where(alive & ~now_alive, done, diverged_at)
         alive, window, window_n = now_alive, window + stats, window_n + 1
@@ -554,8 +557,7 @@ def main() -> None:
         if args.save_model and (evaluate or last):
             save_atomic({"cells": names, "iteration": done, "g_params": [p.detach() for p in g_params],
                          "d_params": [p.detach() for p in d_params], "opt_state": opt_state,
-                         "batches": batches.state_dict(),
-                         "noise_rng": noise_rng.get_state(), "torch_rng": torch.get_rng_state(), "alive": alive,
+                         "batches": batches.state_dict(), "noise_rng": noise_rng.get_state(), "torch_rng": torch.get_rng_state(), "alive": alive,
                          "diverged_at": diverged_at, "window": window, "window_n": window_n,
                          "loss_history": loss_history, "metric_history": metric_history,
                          "samples": samples}, run_dir / "checkpoint.pt")
@@ -576,8 +578,7 @@ def main() -> None:
                             "device": str(device), "iterations": done, "iterations_per_epoch": per_epoch,
                             "args": asdict(args), "cells": cells}, indent=1), run_dir / "results.json")
     results = json.loads((run_dir / "results.json").read_text())
-    table = summarize([results])
-    save_atomic(table, run_dir / "table1.md")
+    save_atomic(table := summarize([results]), run_dir / "table1.md")
     resume_hint = (f"continue with: python {Path(__file__).name} --resume {run_dir}" if args.save_model else
                    "no checkpoint (only runs started with --save-model can be resumed)")
     note = {"finished": "", "diverged": "**diverged**: every cell diverged\n\n",
