@@ -1,7 +1,9 @@
-"""Generator iterations per second of wgan_optimizer_study.py for one cell and for stacks of N cells.
+"""Generator iterations per second of wgan_optimizer_study.py for one cell and for stacks of N cells, in one mode
+(--compile, --matmul-precision) or in all four (--matrix: eager / compiled × highest / medium, fresh processes).
 
-    python benchmarks/bench_wgan_optimizer_study.py                                   # 1 and 21 cells (Table I)
-    OMP_NUM_THREADS=1 python benchmarks/bench_wgan_optimizer_study.py --cells 1 3 --steps 3 --threads 1   # CPU
+    python benchmarks/bench_wgan_optimizer_study.py --matrix --cells 1 3 --steps 5 --threads 2   # CPU, four modes
+    python benchmarks/bench_wgan_optimizer_study.py --cells 1 3 --steps 3 --threads 1            # CPU, eager, float32
+    python benchmarks/bench_wgan_optimizer_study.py --matrix --cells 1 21                        # GPU: Table I's grid
 
 One generator iteration = what one iteration of the script does for every cell of the stack: 5 critic steps
 (each with the gradient penalty) on one real batch, then one generator step, then the stacked optimiser updates.
@@ -9,7 +11,8 @@ The cells cycle through SGD / RMSprop / Adam. Random data in [-1, 1] stands in f
 depend on the pixels). Printed per stack size: generator iterations/s of the stack, cell-iterations/s
 (= stack size × that), peak memory (CUDA: max allocated; CPU: the process's peak RSS so far, so run sizes in
 increasing order) and the operator calls per iteration the program issues (aten ops not nested in another op),
-which must not grow with the stack size.
+which must not grow with the stack size, and the operator calls of benchmarks/harness.py (leaf operators and
+compiled kernels: on a GPU, kernel launches).
 """
 from __future__ import annotations
 
@@ -20,12 +23,15 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import Literal
+
 import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from wgan_optimizer_study import (Args, StackedOptimizer, make_critic, make_generator, stack_params,  # noqa: E402
-                                  train_iteration)
+import harness  # noqa: E402
+from wgan_optimizer_study import (Args, StackedOptimizer, iteration, make_critic, make_generator,  # noqa: E402
+                                  stack_params, train_iteration)
 
 
 @dataclass
@@ -45,7 +51,13 @@ class BenchArgs:
     threads: int = 0
     """torch.set_num_threads (0: PyTorch's default)"""
     baseline: bool = True
-    """also time one cell written the usual way (nn.Sequential, torch.optim.Adam, autograd GP)"""
+    """also time one cell written the usual way (nn.Sequential, torch.optim.Adam, autograd GP; eager only)"""
+    compile: bool = False
+    """torch.compile the iteration (as wgan_optimizer_study.py --compile)"""
+    matmul_precision: Literal["highest", "high", "medium"] = "highest"
+    """float32 matmul precision of training (as wgan_optimizer_study.py --matmul-precision)"""
+    matrix: bool = False
+    """run all four modes (eager / compiled × highest / medium), each in a fresh process, and print one table"""
 
 
 def top_level_op_counts(prof) -> Counter:
@@ -71,14 +83,19 @@ def measure(bench: BenchArgs, num_cells: int, device: torch.device) -> dict:
     gen = torch.Generator(device).manual_seed(0)
     data = torch.rand(4 * bench.batch_size, 784, device=device, generator=gen) * 2 - 1
     alive = torch.ones(num_cells, dtype=torch.bool, device=device)
+    torch._dynamo.reset()
+    fn = torch.compile(iteration) if bench.compile else iteration   # as the script's switch
 
-    def step():
+    def step(_=None):
         real = data[torch.randint(len(data), (bench.batch_size,), device=device, generator=gen)]
-        return train_iteration(g_params, d_params, g_opt, d_opt, real, alive, args, gen)
+        return train_iteration(g_params, d_params, g_opt, d_opt, real, alive, args, gen, fn)
 
+    for _ in range(bench.warmup):   # compiles here
+        step()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step()
     ops = sum(top_level_op_counts(prof).values())
+    calls, top = harness.op_calls(step, top=6)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for i in range(bench.warmup + bench.steps):
@@ -91,7 +108,8 @@ def measure(bench: BenchArgs, num_cells: int, device: torch.device) -> dict:
     elapsed = time.perf_counter() - start
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
-    return {"cells": num_cells, "it_s": bench.steps / elapsed, "peak_mib": peak, "ops": ops}
+    return {"cells": num_cells, "it_s": bench.steps / elapsed, "peak_mib": peak, "ops": ops, "op_calls": calls,
+            "top_ops": top}
 
 
 def measure_plain(bench: BenchArgs, device: torch.device) -> float:
@@ -124,20 +142,28 @@ def measure_plain(bench: BenchArgs, device: torch.device) -> float:
     return bench.steps / (time.perf_counter() - start)
 
 
+COLUMNS = {"mode": "mode", "cells": "cells", "it_s": "G-iter/s", "cell_it_s": "cell-iter/s",
+           "s_per_cell_it": "s per cell-iter", "op_calls": "operator calls / iter", "ops": "top-level aten ops / iter",
+           "peak_mib": "peak MiB (CPU: process so far)"}
+
 if __name__ == "__main__":
     bench = tyro.cli(BenchArgs)
-    if bench.threads > 0:
-        torch.set_num_threads(bench.threads)
+    if bench.matrix:
+        print(harness.markdown(harness.run_matrix(__file__, sys.argv[1:]), COLUMNS))
+        sys.exit()
+    harness.setup(bench.compile, bench.matmul_precision, bench.threads)
     device = torch.device("cuda" if bench.cuda and torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    mode = harness.mode_name(bench.compile, bench.matmul_precision)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"
-    print(f"device: {name}; batch {bench.batch_size}, {bench.n_critic} critic steps per generator iteration")
-    print(f"{'cells':>5} {'G-iter/s':>9} {'cell-iter/s':>11} {'s/G-iter':>9} {'peak MiB':>9} {'op calls/iter':>13}")
-    if bench.baseline:
+    print(f"device: {name}, torch {torch.__version__}, {mode}; batch {bench.batch_size}, {bench.n_critic} critic "
+          "steps per generator iteration", file=sys.stderr)
+    rows = []
+    if bench.baseline and not bench.compile:
         it_s = measure_plain(bench, device)
-        print(f"plain PyTorch, 1 cell: {it_s:.3f} G-iter/s ({1 / it_s:.3f} s/G-iter)")
+        rows.append({"mode": mode, "cells": "1 (plain PyTorch)", "it_s": it_s, "cell_it_s": it_s, "s_per_cell_it": 1 / it_s})
     for n in sorted(bench.cells):
         r = measure(bench, n, device)
-        print(f"{n:>5} {r['it_s']:>9.3f} {n * r['it_s']:>11.3f} {1 / r['it_s']:>9.3f} {r['peak_mib']:>9.0f} "
-              f"{r['ops']:>13}")
+        rows.append({"mode": mode, **r, "cell_it_s": n * r["it_s"], "s_per_cell_it": 1 / (n * r["it_s"])})
+    for r in rows:
+        harness.emit(r)
+    print(harness.markdown(rows, COLUMNS))
