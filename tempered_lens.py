@@ -60,8 +60,10 @@ class Args:
     threads: int = 0
     """torch CPU threads (0 = torch's default)"""
     matmul_precision: Literal["auto", "highest", "high", "medium"] = "auto"
-    """auto: high (TF32) on CUDA, highest on CPU; medium: bf16-backed float32 matmuls on capable CPUs/GPUs;
-    metrics are always computed in full precision"""
+    """training matmuls: highest = full float32; high = TF32 on CUDA (float32 elsewhere); medium = bf16-backed
+    float32 on capable CPUs/GPUs (about 2× on a recent CPU); auto = high on CUDA, highest on CPU. Metrics: always full"""
+    compile: bool = False
+    """torch.compile G, D and the lens (inductor); WGAN-GP's penalty runs through the uncompiled D (double backward)"""
     track: bool = False
     """log to Weights & Biases (TensorBoard synced; respects WANDB_MODE=offline)"""
     wandb_project_name: str = "gan-stability"
@@ -316,7 +318,7 @@ def discriminator_step(D, G, lens, d_opt, real, z, gan: str, gp_weight: float, e
     penalty = torch.zeros((), device=real.device)
     if gan == "wgan-gp":  # ε from its own stream: the same draws with and without the lens
         eps = torch.rand(len(real), 1, 1, 1, device=real.device, generator=eps_gen)
-        penalty = gradient_penalty(D, real_view, fake, eps)  # interpolates between L(X) and G(Z)
+        penalty = gradient_penalty(getattr(D, "_orig_mod", D), real_view, fake, eps)  # between L(X) and G(Z); eager D
         loss = loss + gp_weight * penalty
     d_opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -402,6 +404,7 @@ def train(args: Args, seed: int, use_lens: bool, run_dir: Path, images: torch.Te
     (out / "samples").mkdir(parents=True, exist_ok=True)
     G, D, lens = build_models(args, images.shape[1], seed, use_lens, device)
     g_opt, d_opt, lens_opt = (None if m is None else make_optimizer(m, args, device) for m in (G, D, lens))
+    fast_G, fast_D, fast_lens = (torch.compile(m) if args.compile and m is not None else m for m in (G, D, lens))
     # one generator per random stream, each seeded by the run's seed alone: with and without the lens, the
     # same batches, the same latent noise and the same penalty ε, whatever else draws random numbers
     data_gen, noise_gen, eps_gen = (torch.Generator(device).manual_seed(seed + 7919 * i) for i in range(3))
@@ -433,10 +436,11 @@ def train(args: Args, seed: int, use_lens: bool, run_dir: Path, images: torch.Te
         for _ in range(args.n_critic):
             real = to_float(batches.next()[0])
             z = torch.randn(args.batch_size, args.z_dim, device=device, generator=noise_gen)
-            stats = discriminator_step(D, G, lens, d_opt, real, z, args.gan, args.gp_weight, eps_gen)
+            stats = discriminator_step(fast_D, fast_G, fast_lens, d_opt, real, z, args.gan, args.gp_weight, eps_gen)
         # 2. G step, D frozen: G's loss (eqs. 5/9/12) does not involve the lens
         D.requires_grad_(False)
-        g_loss = generator_loss(args.gan, D(G(torch.randn(args.batch_size, args.z_dim, device=device, generator=noise_gen))))
+        g_loss = generator_loss(args.gan, fast_D(fast_G(torch.randn(args.batch_size, args.z_dim, device=device,
+                                                                   generator=noise_gen))))
         g_opt.zero_grad(set_to_none=True)
         g_loss.backward()
         g_opt.step()
@@ -445,7 +449,7 @@ def train(args: Args, seed: int, use_lens: bool, run_dir: Path, images: torch.Te
         # 3. lens step, once per generator iteration, on the last D batch: L_L = λ(t)·L_A + L_R (eqs. 2–4)
         lam = lens_weight(step, args.lens_k, 1.0 if args.lam_schedule == "fixed" else None)
         if lens is not None:
-            stats.update(lens_step(lens, D, lens_opt, real, lam, args.gan, args.reconstruction))
+            stats.update(lens_step(fast_lens, fast_D, lens_opt, real, lam, args.gan, args.reconstruction))
         step += 1
         progress.update()
         if step % args.log_every == 0 or step == args.total_steps:
@@ -475,8 +479,7 @@ def train(args: Args, seed: int, use_lens: bool, run_dir: Path, images: torch.Te
     if args.save_model and status == "interrupted":
         save_checkpoint(out / "checkpoint.pt", step, history, states, gens)
     writer.close()
-    if args.track:
-        wandb.finish()
+    if args.track: wandb.finish()  # noqa: E701
     result = {"status": status, "script": Path(__file__).name, "run_name": run_dir.name, "config": config,
               "device": str(device), "args": asdict(args), "seed": seed, "lens": use_lens, "steps": step,
               "reason": reason, "evals": history}
@@ -530,8 +533,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     validate(args)
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    if args.threads > 0: torch.set_num_threads(args.threads)  # noqa: E701
     torch.set_float32_matmul_precision({"auto": "high" if device.type == "cuda" else "highest"}.get(args.matmul_precision, args.matmul_precision))
     torch.backends.cudnn.allow_tf32 = torch.get_float32_matmul_precision() != "highest"
 
@@ -574,11 +576,10 @@ def main(argv: list[str] | None = None) -> None:
                      key=lambda r: (r["seed"], not r["lens"]))
     interrupted = result["status"] == "interrupted" or (seed, use_lens) != configs[-1]
     status = "interrupted" if interrupted else "diverged" if all(r["status"] == "diverged" for r in results) else "finished"
-    table = summarize(results)
     (run_dir / "results.tmp").write_text(json.dumps({"status": status, "script": Path(__file__).name, "run_name": run_dir.name,
                                                     "device": str(device), "args": asdict(args), "runs": results}, indent=2))
     os.replace(run_dir / "results.tmp", run_dir / "results.json")
-    (run_dir / "table.md").write_text(table)
+    (run_dir / "table.md").write_text(table := summarize(results))
     plot_fid_curves(results, run_dir / "fid_curves.png")
     (run_dir / "results.md").write_text(("" if status == "finished" else f"**status: {status}**\n\n") + table)
     if status == "interrupted":

@@ -277,6 +277,54 @@ def test_with_and_without_lens_see_the_same_batches_noise_and_penalty_draws(tmp_
     assert not any(torch.allclose(a, b) for a, b in zip(with_lens["d_real"], with_lens["real"]))
 
 
+def d_and_lens_steps(gan, compiled, steps=2):
+    """`steps` D and lens updates (SGD, lr 0.01) of fresh tiny models, eager or with torch.compile'd G, D and lens."""
+    G, D, lens = build_models(tiny_args(gan), 1, seed=0, use_lens=True, device=CPU)
+    fast_G, fast_D, fast_lens = (torch.compile(m) if compiled else m for m in (G, D, lens))
+    d_opt, lens_opt = (torch.optim.SGD(m.parameters(), lr=0.01) for m in (D, lens))
+    gen, history = torch.Generator().manual_seed(0), []
+    for _ in range(steps):
+        x, z = torch.rand(8, 1, 32, 32, generator=gen) * 2 - 1, torch.randn(8, 8, generator=gen)
+        stats = discriminator_step(fast_D, fast_G, fast_lens, d_opt, x, z, gan, 10.0, torch.Generator().manual_seed(1))
+        stats.update(lens_step(fast_lens, fast_D, lens_opt, x, 0.5, gan))
+        history.append(torch.stack([v.float() for v in stats.values()]))
+    return torch.stack(history), snapshot(D) + snapshot(lens)
+
+
+@pytest.mark.parametrize("gan", ["nsgan", "wgan-gp"])
+def test_compiled_modules_match_eager(gan):
+    """--compile: G, D and the lens compiled, WGAN-GP's penalty through the uncompiled D. Inductor reorders float32
+    reductions (last-bit differences); with SGD a weight moves by −lr·gradient, so weights to 1e-6 after two steps
+    compare the gradients themselves to 1e-4."""
+    eager_stats, eager_params = d_and_lens_steps(gan, compiled=False)
+    torch._dynamo.reset()
+    compiled_stats, compiled_params = d_and_lens_steps(gan, compiled=True)
+    torch.testing.assert_close(compiled_stats, eager_stats, rtol=1e-4, atol=1e-5)
+    for x, y in zip(compiled_params, eager_params):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+
+
+def test_medium_precision_training_stays_close():
+    """--matmul-precision medium (bf16-backed float32 matmuls where the CPU has them; 8 significant bits): two D and
+    lens steps agree with full float32 to 2%."""
+    highest, _ = d_and_lens_steps("wgan-gp", compiled=False)
+    try:
+        torch.set_float32_matmul_precision("medium")
+        medium, _ = d_and_lens_steps("wgan-gp", compiled=False)
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    torch.testing.assert_close(medium, highest, rtol=2e-2, atol=2e-2)
+
+
+def test_compiled_training_run_finishes(tmp_path):
+    args = tiny_args("wgan-gp", total_steps=3, eval_every=3, log_every=1, fid_samples=16, compile=True)
+    images = to_uint8(torch.rand(64, 1, 32, 32) * 2 - 1)
+    torch._dynamo.reset()
+    result = tl.train(args, 1, True, tmp_path, images, StubFID(), None, CPU, threading.Event())
+    saved = json.loads((tmp_path / "lens__seed1" / "results.json").read_text())
+    assert result["status"] == saved["status"] == "finished" and saved["steps"] == 3 and saved["args"]["compile"]
+
+
 def test_mode_counts_use_their_own_sample_count(tmp_path):
     fid, classifier = StubFID(), StubClassifier()
     args = tiny_args("nsgan", total_steps=2, eval_every=1, fid_samples=16, mode_samples=300)
