@@ -132,8 +132,8 @@ class Args:
     threads: int = 0
     """torch CPU threads (0 = torch's default)"""
     matmul_precision: Literal["auto", "highest", "high", "medium"] = "auto"
-    """auto: high (TF32) on CUDA, highest on CPU; medium: bf16-backed float32 matmuls on capable CPUs/GPUs;
-    metrics are always computed in full precision"""
+    """training matmuls: highest = full float32; high = TF32 on CUDA (float32 elsewhere); medium = bf16-backed
+    float32 on capable CPUs/GPUs (about 2× on a recent CPU); auto = high on CUDA, highest on CPU. Metrics: always full"""
 
 
 GP_SETUP = dict(image_size=32, z_dim=128, width=128, lr=1e-4, ttur_lr_g=1e-4, ttur_lr_d=3e-4,  # Sec. 4.1-4.2

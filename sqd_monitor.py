@@ -55,8 +55,8 @@ class Args:
     threads: int = 0
     """torch CPU threads (0 = torch's default)"""
     matmul_precision: Literal["auto", "highest", "high", "medium"] = "auto"
-    """auto: high (TF32) on CUDA, highest on CPU; medium: bf16-backed float32 matmuls on capable CPUs/GPUs;
-    metrics are always computed in full precision"""
+    """training matmuls: highest = full float32; high = TF32 on CUDA (float32 elsewhere); medium = bf16-backed
+    float32 on capable CPUs/GPUs (about 2× on a recent CPU); auto = high on CUDA, highest on CPU. Metrics: always full"""
     track: bool = False
     """log to Weights & Biases (TensorBoard synced; WANDB_MODE=offline is respected)"""
     wandb_project_name: str = "gan-stability"
