@@ -134,6 +134,8 @@ class Args:
     matmul_precision: Literal["auto", "highest", "high", "medium"] = "auto"
     """training matmuls: highest = full float32; high = TF32 on CUDA (float32 elsewhere); medium = bf16-backed
     float32 on capable CPUs/GPUs (about 2× on a recent CPU); auto = high on CUDA, highest on CPU. Metrics: always full"""
+    compile: bool = False
+    """torch.compile G and D (inductor); the penalties' double backward runs through the uncompiled D"""
 
 
 GP_SETUP = dict(image_size=32, z_dim=128, width=128, lr=1e-4, ttur_lr_g=1e-4, ttur_lr_d=3e-4,  # Sec. 4.1-4.2
@@ -160,8 +162,7 @@ def load_saved_args(run_dir: Path) -> Args:
         saved = json.loads((run_dir / "args.json").read_text())
         args = Args(**{k: v for k, v in saved.items() if k in {f.name for f in fields(Args)}})
     except (OSError, ValueError, TypeError):
-        raise SystemExit(f"error: {run_dir}/args.json is missing or unreadable: --resume takes a run folder written "
-                         "by this script (it holds args.json)") from None
+        fail(f"{run_dir}/args.json is missing or unreadable: --resume takes a run folder written by this script (it holds args.json)")
     return replace(args, resume=str(run_dir))
 
 
@@ -314,13 +315,13 @@ def gan_losses(D: nn.Module, real, fake, alpha, loss: str, gp_weight: float, cre
     """[L_g, L_d, penalty] on one batch, L_d as the critic minimises it, penalty included (Table 1)."""
     if loss == "r1":  # softplus(−D(x)) + softplus(D(G(z))) + γ/2·E‖∇_x D(x)‖² (R1: Mescheder et al. 2018, eq. 9)
         real = real.detach().requires_grad_(True)
-        real_score, fake_score = D(real), D(fake)
+        real_score, fake_score = getattr(D, "_orig_mod", D)(real), D(fake)  # ∇_x D(x): uncompiled D (double backward)
         grad = torch.autograd.grad(real_score.sum(), real, create_graph=create_graph)[0]
         penalty = grad.flatten(1).pow(2).sum(1).mean()
         critic = F.softplus(-real_score).mean() + F.softplus(fake_score).mean() + gp_weight / 2 * penalty
     else:  # D(G(z)) − D(x) (+ λ_GP·GP for WGAN-GP)
         real_score, fake_score = D(real), D(fake)
-        penalty = gradient_penalty(D, real, fake, alpha, create_graph) if loss == "wgan-gp" else real.new_zeros(())
+        penalty = gradient_penalty(getattr(D, "_orig_mod", D), real, fake, alpha, create_graph) if loss == "wgan-gp" else real.new_zeros(())
         critic = fake_score.mean() - real_score.mean() + gp_weight * penalty
     return torch.stack([generator_loss(fake_score, loss), critic, penalty])
 
@@ -373,10 +374,11 @@ def train(args: Args, cfg: Config, images: torch.Tensor, fid: FID | None, run_di
     opt_g, opt_d = (torch.optim.Adam(m.parameters(), lr, betas=(0.5, 0.9), fused=device.type == "cuda")
                     if cfg.loss == "wgan-gp" else torch.optim.RMSprop(m.parameters(), lr)
                     for m, lr in ((G, cfg.lr_g), (D, cfg.lr_d)))
+    torch._dynamo.reset()  # --compile: each configuration compiles afresh (new networks would pile up recompilations)
+    fast_G, fast_D = (torch.compile(m) if args.compile else m for m in (G, D))  # the loop's G and D; metrics: eager G
     noise_gen = torch.Generator(device).manual_seed(args.seed + 1)
     batches = Batches(images, batch_size=args.batch_size, generator=torch.Generator(device).manual_seed(args.seed))
-    per_epoch = math.ceil(len(images) / args.batch_size)  # Table 2: u_g + u_d = epochs × ⌈N / 64⌉ in every row
-    total = args.epochs * per_epoch
+    total = args.epochs * (per_epoch := math.ceil(len(images) / args.batch_size))  # Table 2: u_g + u_d = epochs × ⌈N / 64⌉
     sample_noise = torch.randn(64, args.z_dim, generator=torch.Generator().manual_seed(args.seed + 2)).to(device)
     fid_noise = torch.randn(args.fid_samples, args.z_dim, generator=torch.Generator().manual_seed(args.seed + 3))
     it, u_g, u_d, r_g, r_d, previous, history, reason = 0, 0, 0, 1.0, 1.0, None, [], ""  # Alg. 1: ratios start at 1
@@ -406,21 +408,21 @@ def train(args: Args, cfg: Config, images: torch.Tensor, fid: FID | None, run_di
         critic = critic_turn(r_d, r_g, cfg.lam) if cfg.strategy == "adaptive" else fixed_critic_turn(it, cfg.n_d, 1)
         if critic:  # Alg. 1 lines 5-8: one critic step on L_d, then clipping (wgan-clip)
             with torch.no_grad():
-                fake = G(z)  # still G(z) after the step: G does not change
+                fake = fast_G(z)  # still G(z) after the step: G does not change
             opt_d.zero_grad(set_to_none=True)
-            gan_losses(D, real, fake, alpha, cfg.loss, args.gp_weight)[1].backward()
+            gan_losses(fast_D, real, fake, alpha, cfg.loss, args.gp_weight)[1].backward()
             opt_d.step()
             if cfg.loss == "wgan-clip":
                 clip_weights(D, args.clip_value)
         else:  # Alg. 1 lines 9-10: one generator step on L_g (gradients for G's parameters only)
             fake = None
             opt_g.zero_grad(set_to_none=True)
-            generator_loss(D(G(z)), cfg.loss).backward(inputs=list(G.parameters()))
+            generator_loss(fast_D(fast_G(z)), cfg.loss).backward(inputs=list(G.parameters()))
             opt_g.step()
         it, u_d, u_g, window_d = it + 1, u_d + critic, u_g + (not critic), window_d + critic
         if cfg.strategy == "adaptive" or it % LOG_EVERY == 0:
             # both losses with the new weights on this batch (x, z, α); adaptive: on the host each iteration (one sync)
-            values = evaluate_losses(G, D, real, z, alpha, cfg.loss, args.gp_weight, fake).tolist()
+            values = evaluate_losses(fast_G, fast_D, real, z, alpha, cfg.loss, args.gp_weight, fake).tolist()
             if not all(map(math.isfinite, values)):
                 reason = f": non-finite loss at iteration {it}"
                 break
@@ -534,10 +536,8 @@ def main() -> None:
     args = parse_args()
     validate(args)
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    torch.set_float32_matmul_precision(
-        {"auto": "high" if device.type == "cuda" else "highest"}.get(args.matmul_precision, args.matmul_precision))
+    torch.set_num_threads(args.threads) if args.threads > 0 else None
+    torch.set_float32_matmul_precision({"auto": "high" if device.type == "cuda" else "highest"}.get(args.matmul_precision, args.matmul_precision))
     torch.backends.cudnn.allow_tf32 = torch.get_float32_matmul_precision() != "highest"
     images = fid = None
     if args.dataset != "dirac":  # data and the real metric features before the run folder: a failure leaves none

@@ -226,6 +226,58 @@ def test_evaluated_losses_use_the_current_weights_and_leave_no_gradients(loss):
     assert (after[:2] != before[:2]).all()
 
 
+def loop_steps(loss, compiled, steps=2):
+    """`steps` rounds of the loop's three calls (a critic step, a generator step, the no-grad re-evaluation) on fresh
+    tiny models with SGD (lr 0.01), the G and D of the steps eager or torch.compile'd as train() makes them. Clipping
+    at 0.1, not 0.01: the scores of a critic clipped at 0.01 are ~1e-4, too small to compare."""
+    G, D = build_models(loss, 8, 4, 1, 8, 0, 0.1, "cpu")
+    fast_G, fast_D = (torch.compile(m) if compiled else m for m in (G, D))
+    opt_g, opt_d = (torch.optim.SGD(m.parameters(), lr=0.01) for m in (G, D))
+    gen, history = torch.Generator().manual_seed(0), []
+    for _ in range(steps):
+        real, z = torch.rand(16, 1, 8, 8, generator=gen) * 2 - 1, torch.randn(16, 8, generator=gen)
+        alpha = torch.rand(16, 1, 1, 1, generator=gen)
+        with torch.no_grad():
+            fake = fast_G(z)
+        opt_d.zero_grad(set_to_none=True)
+        d_losses = gan_losses(fast_D, real, fake, alpha, loss, 10.0)
+        d_losses[1].backward()
+        opt_d.step()
+        clip_weights(D, 0.1) if loss == "wgan-clip" else None
+        opt_g.zero_grad(set_to_none=True)
+        g_loss = aw.generator_loss(fast_D(fast_G(z)), loss)
+        g_loss.backward(inputs=list(G.parameters()))
+        opt_g.step()
+        history.append(torch.cat([d_losses.detach(), g_loss.detach()[None],
+                                  evaluate_losses(fast_G, fast_D, real, z, alpha, loss, 10.0)]))
+    return torch.stack(history), [p.detach().clone() for p in [*G.parameters(), *D.parameters()]]
+
+
+@pytest.mark.parametrize("loss", ["wgan-clip", "wgan-gp", "r1"])
+def test_compiled_models_match_eager(loss):
+    """--compile: G and D compiled, the penalties' input gradients through the uncompiled D (a compiled graph has no
+    double backward). Inductor reorders float32 reductions (last-bit differences); with SGD a weight moves by
+    −lr·gradient, so weights to 1e-6 after two rounds compare the gradients themselves to 1e-4."""
+    eager_losses, eager_params = loop_steps(loss, compiled=False)
+    torch._dynamo.reset()
+    compiled_losses, compiled_params = loop_steps(loss, compiled=True)
+    torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-4, atol=1e-7)
+    for x, y in zip(compiled_params, eager_params):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+
+
+def test_medium_precision_training_stays_close():
+    """--matmul-precision medium (bf16-backed float32 matmuls where the CPU has them, 8 significant bits; elsewhere
+    the same as highest): two rounds of the loop agree with full float32 to 2%."""
+    highest, _ = loop_steps("wgan-gp", compiled=False)
+    try:
+        torch.set_float32_matmul_precision("medium")
+        medium, _ = loop_steps("wgan-gp", compiled=False)
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    torch.testing.assert_close(medium, highest, rtol=2e-2, atol=2e-2)
+
+
 # ---------------------------------------------------------------- presets and configurations
 
 
@@ -373,6 +425,25 @@ def test_resume_from_an_epoch_end_checkpoint_continues_exactly(tmp_path, data_ro
     (tmp_path / "cut" / "args.json").write_text(json.dumps({**saved, "epochs": 2}))
     assert run_main(["--resume", tmp_path / "cut"], monkeypatch) == 0
     assert_same_run(tmp_path / "full", tmp_path / "cut", ["r1_adaptive_lam1"])
+
+
+def test_a_compiled_run_makes_the_eager_runs_decisions(tmp_path, data_root, monkeypatch):
+    """--compile through main(): WGAN-GP's fixed and adaptive configurations finish, and the adaptive rule takes
+    the same turns as in the eager run (its ratios differ by rounding only, far from the rule's ties here)."""
+    common = [*TINY, "--loss", "wgan-gp", "--strategy", "fixed", "adaptive", "--epochs", "1", "--fid-every", "0",
+              "--data-root", data_root, "--output-dir", tmp_path]
+    assert run_main([*common, "--run-name", "eager"], monkeypatch) == 0
+    torch._dynamo.reset()
+    compiled_modules, compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m: compiled_modules.append(m) or compile(m))
+    assert run_main([*common, "--run-name", "compiled", "--compile"], monkeypatch) == 0
+    assert len(compiled_modules) == 4  # G and D of both configurations
+    for config in ("wgan-gp_fixed_5-1", "wgan-gp_adaptive_lam1"):
+        eager, compiled = (json.loads((tmp_path / run / config / "results.json").read_text())
+                           for run in ("eager", "compiled"))
+        assert compiled["status"] == "finished" and compiled["args"]["compile"] and not eager["args"]["compile"]
+        assert (compiled["u_g"], compiled["u_d"]) == (eager["u_g"], eager["u_d"]) and compiled["iterations"] == 16
+    assert 0 < compiled["u_g"] < 16  # the adaptive rule stepped both networks
 
 
 def test_a_run_stores_the_metrics_dict_as_is_and_the_table_shows_is(tmp_path, data_root):
