@@ -57,6 +57,8 @@ class Args:
     matmul_precision: Literal["auto", "highest", "high", "medium"] = "auto"
     """training matmuls: highest = full float32; high = TF32 on CUDA (float32 elsewhere); medium = bf16-backed
     float32 on capable CPUs/GPUs (about 2× on a recent CPU); auto = high on CUDA, highest on CPU. Metrics: always full"""
+    compile: bool = False
+    """torch.compile G and D (inductor); the regularisers' double backward runs through the uncompiled D"""
     track: bool = False
     """log to Weights & Biases (TensorBoard synced; WANDB_MODE=offline is respected)"""
     wandb_project_name: str = "gan-stability"
@@ -408,6 +410,8 @@ def train(args: Args, loss: str, reg: str, data: torch.Tensor, judge: Callable, 
     from torchvision.utils import save_image
     G, D = build_models(args, data.shape[1], device)
     weights = {"G": weight_matrices(G, args.stability_params), "D": weight_matrices(D, args.stability_params)}  # S's W
+    torch._dynamo.reset()  # --compile: each pair compiles afresh (recompilations would otherwise pile up in one cache)
+    fast_G, fast_D = (torch.compile(m) if args.compile else m for m in (G, D))  # the training steps' G and D
     g_opt, d_opt = (torch.optim.Adam(m.parameters(), lr=args.lr, betas=(0.5, 0.999), fused=device.type == "cuda") for m in (G, D))
     batches = Batches(data, batch_size=args.batch_size, generator=torch.Generator(device).manual_seed(args.seed))
     noise_gen = torch.Generator(device).manual_seed(args.seed + 1)  # z, α and δ of the training steps
@@ -425,8 +429,7 @@ def train(args: Args, loss: str, reg: str, data: torch.Tensor, judge: Callable, 
             obj.load_state_dict(ckpt[key])
         monitor.snapshots = ckpt["monitor"]
         noise_gen.set_state(ckpt["noise_gen"].cpu()), torch.set_rng_state(ckpt["torch_rng"].cpu())
-        if ckpt["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["cuda_rng"]])
+        torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["cuda_rng"]]) if ckpt["cuda_rng"] and torch.cuda.is_available() else None
         step, history = ckpt["counters"]
     writer = SummaryWriter(str(run_dir), purge_step=step or None)
     if not history:  # epoch 0: the initial G (S is nan: no previous snapshot)
@@ -438,20 +441,18 @@ def train(args: Args, loss: str, reg: str, data: torch.Tensor, judge: Callable, 
     while step < total and not stop.is_set():  # stop: Ctrl-C or SIGTERM, checked only between whole steps
         (x,) = batches.next()
         real = to_float(x)  # the data stays uint8 on the device; one batch at a time becomes float
-        fake = G(torch.randn(len(real), args.z_dim, device=device, generator=noise_gen))
-        # D step on eq. (10): L_D of Table 1 + λ · a regulariser of Table 3 (gradients w.r.t. D's input)
-        d_loss = discriminator_loss(loss, D(real), D(fake.detach()))
+        fake = fast_G(torch.randn(len(real), args.z_dim, device=device, generator=noise_gen))
+        # D step on eq. (10): L_D of Table 1 + λ · a regulariser of Table 3 (gradients w.r.t. D's input; eager D)
+        d_loss = discriminator_loss(loss, fast_D(real), fast_D(fake.detach()))
         penalty, norms = gradient_penalty(reg, D, penalty_points(reg, real, fake.detach(), args.dragan_c, noise_gen)) \
             if reg != "none" else (torch.zeros((), device=device),) * 2
         d_opt.zero_grad(set_to_none=True)
         (d_loss + args.gp_weight * penalty).backward()
         d_opt.step()
-        D.requires_grad_(False)  # G step on L_G of Table 1; D's weights get no gradient
-        g_loss = generator_loss(loss, D(fake))
+        g_loss = generator_loss(loss, fast_D(fake))  # G step on L_G of Table 1; D's weights get no gradient
         g_opt.zero_grad(set_to_none=True)
-        g_loss.backward()
+        g_loss.backward(inputs=list(G.parameters()))
         g_opt.step()
-        D.requires_grad_(True)
         step += 1
         bar.update(1)
         if step % 50 == 0 or step % per_epoch == 0:  # the loop's only host syncs: logs every 50 steps, epoch ends
@@ -538,8 +539,7 @@ def main() -> None:
     args = parse_args()
     validate(args)
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads) if args.threads > 0 else None
     torch.set_float32_matmul_precision({"auto": "high" if device.type == "cuda" else "highest"}.get(args.matmul_precision, args.matmul_precision))
     torch.backends.cudnn.allow_tf32 = torch.get_float32_matmul_precision() != "highest"
     # data, the quality/mode models and their reference values before the run folder: a failure leaves none behind
