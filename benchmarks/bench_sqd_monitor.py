@@ -3,9 +3,11 @@ model ranks real > degraded > noise and constant images.
 
 A monitor call = generate the fixed samples (max(num_quality, num_diversity)), one pass of the quality/mode model
 over them (Q on num_quality, D on num_diversity) and the two weight angles. A training step = one D step (with the
-chosen regulariser) and one G step at the given batch size, as in sqd_monitor.train().
+chosen regulariser) and one G step at the given batch size, as in sqd_monitor.train(), G and D compiled under
+--compile as the script compiles them; --matrix times it in the four modes eager / compiled × highest / medium.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_sqd_monitor.py                    # CPU, fake digits (no files needed)
+    python benchmarks/bench_sqd_monitor.py --matrix --threads 2 --no-monitor --image-sizes 28 --widths 16 64
     python benchmarks/bench_sqd_monitor.py --dataset mnist --image-sizes 28 64   # real MNIST, GPU if present
     python benchmarks/bench_sqd_monitor.py --quality --dataset mnist --image-sizes 28   # Q of real/degraded/noise
 """
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness  # noqa: E402
 import sqd_monitor as sqd  # noqa: E402
 
 
@@ -46,13 +49,23 @@ class BenchArgs:
     num_diversity: int = 2000
     """samples for D"""
     iterations: int = 20
-    """timed training steps (after 3 warm-up ones)"""
+    """timed training steps (after 3 warm-up ones and a profiled one)"""
     repeats: int = 3
     """timed monitor calls (after one warm-up call)"""
     quality: bool = False
     """instead of timing: Q of held-out real test images, degraded ones and non-digits (the ranking check)"""
+    monitor: bool = True
+    """also time one monitor call per size (eager, full precision, whatever the mode)"""
     cuda: bool = True
     """use CUDA when available"""
+    compile: bool = False
+    """torch.compile G and D of the training step (as sqd_monitor.py --compile)"""
+    matmul_precision: Literal["highest", "high", "medium"] = "highest"
+    """float32 matmul precision of the training step (as sqd_monitor.py --matmul-precision)"""
+    threads: int = 0
+    """torch threads (0 = torch's default)"""
+    matrix: bool = False
+    """time the training step in all four modes (eager / compiled × highest / medium), each in a fresh process"""
 
 
 def timed(fn, device) -> float:
@@ -100,50 +113,68 @@ def quality_check(bench: BenchArgs, root: str, device) -> None:
                 print(f"| {label} | {float(judge(x.to(device), len(x))[0].mean()):.3f} |")
 
 
+def bench_size(bench: BenchArgs, size: int, width: int, root: str, device) -> dict:
+    args = sqd.Args(dataset=bench.dataset, data_root=root, image_size=size, width=width, cuda=bench.cuda,
+                    batch_size=bench.batch_size, num_quality=bench.num_quality, num_diversity=bench.num_diversity)
+    judge, num_modes, _, real = sqd.digit_models(args, device)
+    G, D = sqd.build_models(args, real.shape[1], device)
+    g_opt, d_opt = (torch.optim.Adam(m.parameters(), lr=2e-4, betas=(0.5, 0.999), fused=device.type == "cuda")
+                    for m in (G, D))
+    torch._dynamo.reset()
+    fast_G, fast_D = (torch.compile(m) if bench.compile else m for m in (G, D))  # as sqd_monitor.py --compile
+    x, gen = real[torch.arange(bench.batch_size) % len(real)].to(device), torch.Generator(device).manual_seed(0)
+
+    def step(k):  # the body of sqd_monitor.train()'s loop
+        fake = fast_G(torch.randn(len(x), args.z_dim, device=device, generator=gen))
+        d_loss = sqd.discriminator_loss("nsgan", fast_D(x), fast_D(fake.detach()))
+        if bench.regularizer != "none":  # through the uncompiled D, as in the script
+            points = sqd.penalty_points(bench.regularizer, x, fake.detach(), args.dragan_c, gen)
+            d_loss = d_loss + args.gp_weight * sqd.gradient_penalty(bench.regularizer, D, points)[0]
+        d_opt.zero_grad(set_to_none=True), d_loss.backward(), d_opt.step()
+        g_loss = sqd.generator_loss("nsgan", fast_D(fake))
+        g_opt.zero_grad(set_to_none=True), g_loss.backward(inputs=list(G.parameters())), g_opt.step()
+
+    r = harness.measure(step, bench.iterations, device)
+    row = {"size": size, "width": width, **r, "ms_per_step": 1e3 / r["steps_per_s"],
+           "params_M": (sum(p.numel() for p in G.parameters()) + sum(p.numel() for p in D.parameters())) / 1e6}
+    if bench.monitor:  # one monitor call: eager G, full precision (as in the script)
+        monitor = sqd.SQDMonitor(judge, num_modes, bench.num_quality, bench.num_diversity)
+        noise = torch.randn(max(bench.num_quality, bench.num_diversity), args.z_dim, device=device)
+        weights = {"G": sqd.weight_matrices(G), "D": sqd.weight_matrices(D)}
+        call = lambda: monitor(sqd.generate(G, noise), **weights)  # noqa: E731
+        call()
+        per_call = statistics.median(timed(call, device) for _ in range(bench.repeats))
+        generating = statistics.median(timed(lambda: sqd.generate(G, noise), device) for _ in range(bench.repeats))
+        steps = 60_000 // bench.batch_size  # one MNIST epoch
+        row.update(monitor_ms=1e3 * per_call, generating_ms=1e3 * generating, monitor_in_steps=per_call / (row["ms_per_step"] / 1e3),
+                   monitor_share_per_mnist_epoch=per_call / (per_call + steps * row["ms_per_step"] / 1e3))
+    return row
+
+
+COLUMNS = {"mode": "mode", "size": "size", "width": "width", "params_M": "G + D params (M)",
+           "ms_per_step": "ms per step", "op_calls": "operator calls / step", "optimizer_op_calls": "of which optimizer",
+           "peak_mib": "peak MiB (CPU: process so far)", "monitor_ms": "monitor call (ms)",
+           "generating_ms": "of which generating (ms)", "monitor_in_steps": "monitor call in steps",
+           "monitor_share_per_mnist_epoch": "share at one call per MNIST epoch"}
+
+
 def main(bench: BenchArgs) -> None:
+    if bench.matrix:
+        return print(harness.markdown(harness.run_matrix(__file__, sys.argv[1:]), COLUMNS))
+    harness.setup(bench.compile, bench.matmul_precision, bench.threads)
     device = torch.device("cuda" if bench.cuda and torch.cuda.is_available() else "cpu")
     root = bench.data_root or tempfile.mkdtemp(prefix="sqd_bench_")
     if bench.quality:
         return quality_check(bench, root, device)
-    print(f"device {device} | torch threads {torch.get_num_threads()} | dataset {bench.dataset} | "
-          f"batch {bench.batch_size} | Q on {bench.num_quality}, D on {bench.num_diversity} samples")
-    for size in bench.image_sizes:
-        for width in bench.widths:
-            args = sqd.Args(dataset=bench.dataset, data_root=root, image_size=size, width=width, cuda=bench.cuda,
-                            batch_size=bench.batch_size, num_quality=bench.num_quality, num_diversity=bench.num_diversity)
-            judge, num_modes, _, real = sqd.digit_models(args, device)
-            G, D = sqd.build_models(args, real.shape[1], device)
-            g_opt, d_opt = (torch.optim.Adam(m.parameters(), lr=2e-4, betas=(0.5, 0.999)) for m in (G, D))
-            x = real[torch.arange(bench.batch_size) % len(real)].to(device)
-
-            def step():  # the body of sqd_monitor.train()'s loop
-                fake = G(torch.randn(len(x), args.z_dim, device=device))
-                d_loss = sqd.discriminator_loss("nsgan", D(x), D(fake.detach()))
-                if bench.regularizer != "none":
-                    points = sqd.penalty_points(bench.regularizer, x, fake.detach(), args.dragan_c)
-                    d_loss = d_loss + args.gp_weight * sqd.gradient_penalty(bench.regularizer, D, points)[0]
-                d_opt.zero_grad(set_to_none=True), d_loss.backward(), d_opt.step()
-                D.requires_grad_(False)
-                g_loss = sqd.generator_loss("nsgan", D(fake))
-                g_opt.zero_grad(set_to_none=True), g_loss.backward(), g_opt.step()
-                D.requires_grad_(True)
-
-            for _ in range(3):
-                step()
-            iteration = statistics.median(timed(step, device) for _ in range(bench.iterations))
-            monitor = sqd.SQDMonitor(judge, num_modes, bench.num_quality, bench.num_diversity)
-            noise = torch.randn(max(bench.num_quality, bench.num_diversity), args.z_dim, device=device)
-            weights = {"G": sqd.weight_matrices(G), "D": sqd.weight_matrices(D)}
-            call = lambda: monitor(sqd.generate(G, noise), **weights)  # noqa: E731
-            call()
-            per_call = statistics.median(timed(call, device) for _ in range(bench.repeats))
-            gen = statistics.median(timed(lambda: sqd.generate(G, noise), device) for _ in range(bench.repeats))
-            params = sum(p.numel() for p in G.parameters()) + sum(p.numel() for p in D.parameters())
-            mnist_epoch = 60_000 // bench.batch_size
-            print(f"size {size} width {width:3d} ({params / 1e6:.2f}M params): step ({bench.regularizer}) "
-                  f"{iteration * 1e3:8.1f} ms | monitor call {per_call * 1e3:8.1f} ms (generating {gen * 1e3:.1f}) "
-                  f"= {per_call / iteration:5.1f} steps | once per MNIST epoch ({mnist_epoch} steps): "
-                  f"{100 * per_call / (per_call + mnist_epoch * iteration):.1f}%")
+    mode = harness.mode_name(bench.compile, bench.matmul_precision)
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, {mode}, dataset "
+          f"{bench.dataset}, batch {bench.batch_size}, step with {bench.regularizer}, Q on {bench.num_quality}, D on "
+          f"{bench.num_diversity} samples", file=sys.stderr)
+    rows = [{"mode": mode, **bench_size(bench, size, width, root, device)}
+            for size in bench.image_sizes for width in bench.widths]
+    for r in rows:
+        harness.emit(r)
+    print(harness.markdown(rows, COLUMNS))
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def measure(bench: BenchArgs, num_cells: int, device: torch.device) -> dict:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step()
     ops = sum(top_level_op_counts(prof).values())
-    calls, top = harness.op_calls(step, top=6)
+    calls, top, _ = harness.op_calls(step, top=6)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for i in range(bench.warmup + bench.steps):

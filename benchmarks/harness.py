@@ -11,8 +11,8 @@ A benchmark script uses it like this:
 
 and `harness.run_matrix(__file__, sys.argv[1:])` in its `--matrix` branch.
 
-Operator calls per step: the profiler's events of one step that do work, i.e. leaf `aten::` operators (those
-with no `aten::` operator inside them) other than allocation and view operators, plus the kernels of compiled
+Operator calls per step: the profiler's events of one step that do work, i.e. `aten::` operators other than
+allocation and view operators with no such operator inside them (the innermost working ones), plus the kernels of compiled
 graphs (inductor's C++ kernels, profiled by name with `cpp.enable_kernel_profile`). On a GPU each of these is
 a kernel launch, so the count is this machine's proxy for launch-bound GPU speed.
 """
@@ -62,24 +62,35 @@ def mode_name(compile: bool, matmul_precision: str) -> str:
     return f"{'compiled' if compile else 'eager'}, {matmul_precision}"
 
 
-def kernel_events(events) -> list[str]:
-    """Names of the events that do work (see the module docstring)."""
-    names = []
-    for e in events:
-        if e.name.startswith("aten::"):
-            if e.name not in NO_KERNEL and not any(c.name.startswith("aten::") for c in e.cpu_children):
-                names.append(e.name)
-        elif "cpp_fused" in e.name or e.name.startswith("triton_"):
-            names.append(e.name)
-    return names
+def kernel_events(events) -> list:
+    """The events that do work (see the module docstring): aten operators other than allocation and view ones
+    with no such operator anywhere below them (mm counts although it calls resolve_conj; matmul does not, its mm
+    does), and compiled kernels."""
+    def works(e) -> bool:
+        return e.name.startswith("aten::") and e.name not in NO_KERNEL
+
+    def work_below(e) -> bool:
+        return any(works(c) or work_below(c) for c in e.cpu_children)
+
+    return [e for e in events if (works(e) and not work_below(e)) or "cpp_fused" in e.name or e.name.startswith("triton_")]
 
 
-def op_calls(step, k: int = 0, top: int = 0) -> tuple[int, list[tuple[str, int]]]:
-    """Operator calls of one call of step(k); with top > 0 also the most frequent names."""
+def in_optimizer(event) -> bool:
+    """Whether the event runs inside a torch.optim optimizer's step (its profiler range "Optimizer.step#…")."""
+    while event is not None:
+        if event.name.startswith("Optimizer.step#"):
+            return True
+        event = event.cpu_parent
+    return False
+
+
+def op_calls(step, k: int = 0, top: int = 0) -> tuple[int, list[tuple[str, int]], int]:
+    """Operator calls of one call of step(k), the most frequent names (top > 0), and how many of the calls are
+    inside torch.optim optimizers' steps (a for-loop optimizer makes several per parameter tensor)."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step(k)
-    names = kernel_events(prof.events())
-    return len(names), Counter(names).most_common(top)
+    work = kernel_events(prof.events())
+    return len(work), Counter(e.name for e in work).most_common(top), sum(map(in_optimizer, work))
 
 
 def sync(device: torch.device) -> None:
@@ -94,7 +105,7 @@ def measure(step, num_steps: int, device: torch.device, warmup: int = 3, top: in
         step(k)
     sync(device)
     warmup_s = time.perf_counter() - start
-    calls, top_names = op_calls(step, warmup, top)
+    calls, top_names, optimizer_calls = op_calls(step, warmup, top)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync(device)
@@ -103,8 +114,8 @@ def measure(step, num_steps: int, device: torch.device, warmup: int = 3, top: in
         step(k)
     sync(device)
     seconds = time.perf_counter() - start
-    return {"steps_per_s": num_steps / seconds, "op_calls": calls, "top_ops": top_names, "warmup_s": warmup_s,
-            "peak_mib": peak_memory_mib(device)}
+    return {"steps_per_s": num_steps / seconds, "op_calls": calls, "optimizer_op_calls": optimizer_calls,
+            "top_ops": top_names, "warmup_s": warmup_s, "peak_mib": peak_memory_mib(device)}
 
 
 def peak_memory_mib(device: torch.device) -> float:
