@@ -86,7 +86,7 @@ def bench_config(bench: BenchArgs, use_lens: bool, device: torch.device) -> dict
 
 
 COLUMNS = {"mode": "mode", "lens": "lens", "steps_per_s": "iterations/s", "s_per_iteration": "s per iteration",
-           "op_calls": "operator calls / iteration", "peak_mib": "peak MiB (CPU: process so far)",
+           "op_calls": "operator calls / iteration", "optimizer_op_calls": "of which optimizer", "peak_mib": "peak MiB (CPU: process so far)",
            "warmup_s": "warm-up (s)"}
 
 if __name__ == "__main__":

@@ -44,3 +44,42 @@ def test_documented_command_parses(page, name, argv):
             module.parse_args(argv)
     except SystemExit as e:
         pytest.fail(f"{page}: python {name}.py {' '.join(argv)} does not parse: {e.code} {stderr.getvalue()[-300:]}")
+
+
+BENCH = re.compile(r"python (?:\S+/)?benchmarks/(bench_\w+)\.py([^`\n#|]*)")
+
+
+def documented_benchmark_commands() -> list[tuple[str, str, list[str]]]:
+    found = []
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        text = page.read_text().replace("\\\n", " ")
+        for match in BENCH.finditer(text):
+            argv = shlex.split(re.split(r"\s[;&]|\s>", match.group(2))[0])
+            if not any("…" in a for a in argv):
+                found.append((page.name, match.group(1), argv))
+    return found
+
+
+BENCH_COMMANDS = documented_benchmark_commands()
+
+
+def test_the_docs_show_every_benchmark():
+    assert {name for _, name, _ in BENCH_COMMANDS} == {p.stem for p in (REPO / "benchmarks").glob("bench_*.py")}
+
+
+@pytest.mark.parametrize("page,name,argv", BENCH_COMMANDS,
+                         ids=[f"{p}:{n}:{' '.join(a)[:60]}" for p, n, a in BENCH_COMMANDS])
+def test_documented_benchmark_command_parses(page, name, argv, monkeypatch):
+    import sys
+
+    import tyro
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    module = importlib.import_module(name)
+    config = getattr(module, "BenchArgs", None) or module.Args
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) as stderr, contextlib.redirect_stdout(io.StringIO()):
+            tyro.cli(config, args=argv)
+    except SystemExit as e:
+        pytest.fail(f"{page}: python benchmarks/{name}.py {' '.join(argv)} does not parse: {e.code} "
+                    f"{stderr.getvalue()[-300:]}")
+    assert sys.modules[name].__file__.startswith(str(REPO / "benchmarks"))
