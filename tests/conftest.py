@@ -118,3 +118,20 @@ class StopAfter:
 
     def set(self):
         self.n = -10
+
+
+def skip_unless_medium_reduces_matmuls() -> None:
+    """Skip a medium-vs-highest comparison where it would compare a run with itself. `medium` computes float32
+    matmuls in bf16 only where oneDNN has bf16 instructions (AVX512-BF16 or AMX CPUs); on other CPUs (AMD Zen 3,
+    for one) it is full float32, bit for bit, and convolutions are full float32 everywhere on the CPU."""
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(64, 256, generator=gen), torch.randn(256, 64, generator=gen)
+    saved = torch.get_float32_matmul_precision()
+    try:
+        exact = x @ w
+        torch.set_float32_matmul_precision("medium")
+        reduced = not torch.equal(x @ w, exact)
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    if not reduced:
+        pytest.skip("this CPU runs float32 matmuls in full precision under 'medium' (no bf16 instructions)")

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sqd_monitor as sqd
-from conftest import REPO, StopAfter
+from conftest import REPO, skip_unless_medium_reduces_matmuls, StopAfter
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -321,6 +321,7 @@ def test_compiled_models_match_eager(loss, reg, d_norm):
 def test_medium_precision_training_stays_close():
     """--matmul-precision medium (bf16-backed float32 matmuls where the CPU has them, 8 significant bits; elsewhere
     the same as highest): two steps agree with full float32 to 2%."""
+    skip_unless_medium_reduces_matmuls()
     highest, _ = loop_steps("nsgan", "gp", "layer", compiled=False)
     try:
         torch.set_float32_matmul_precision("medium")
