@@ -474,6 +474,9 @@ def plan(opts, notes: list[str]) -> tuple[Path, Path, list[dict], str]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     opts = build_parser().parse_args(argv)
+    # Ctrl-C or kill -INT stops the sweep cleanly also when it was started in the background (`cmd &` in a
+    # script): the shell starts such commands with SIGINT ignored, and Python then installs no handler of its own
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if opts.status or opts.report:
         if not (Path(opts.status or opts.report) / "sweep.json").exists():
             raise SystemExit(f"error: {opts.status or opts.report} is not a sweep folder (runs/sweeps/NAME)")

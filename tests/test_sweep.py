@@ -218,8 +218,10 @@ def test_a_killed_job_without_checkpoint_restarts_in_a_fresh_folder(tmp_path, st
 def test_ctrl_c_stops_the_local_jobs_and_the_same_command_continues_them(tmp_path, stand_in):
     args = ["--max-parallel", "2", "--name", "s", "--grid", "x=1,2", "standin.py", "--steps", "60", "--pause", "0.1"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    # started as `cmd &` starts it in a script: with SIGINT ignored (the sweep must stop on it all the same)
     proc = subprocess.Popen([sys.executable, str(REPO / "sweep.py"), *args], cwd=tmp_path, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     sweep_dir = tmp_path / "runs/sweeps/s"
     deadline = time.time() + 120
     checkpoints = [sweep_dir / f"runs/{job}/checkpoint.pt" for job in ("000_x=1", "001_x=2")]
