@@ -123,7 +123,8 @@ class StopAfter:
 def skip_unless_medium_reduces_matmuls() -> None:
     """Skip a medium-vs-highest comparison where it would compare a run with itself. `medium` computes float32
     matmuls in bf16 only where oneDNN has bf16 instructions (AVX512-BF16 or AMX CPUs); on other CPUs (AMD Zen 3,
-    for one) it is full float32, bit for bit, and convolutions are full float32 everywhere on the CPU."""
+    for one) it is full float32, bit for bit. CPU convolutions stay full float32 under it everywhere (oneDNN's
+    convolution precision, torch.backends.mkldnn.conv.fp32_precision, stays "none")."""
     gen = torch.Generator().manual_seed(0)
     x, w = torch.randn(64, 256, generator=gen), torch.randn(256, 64, generator=gen)
     saved = torch.get_float32_matmul_precision()
@@ -135,3 +136,11 @@ def skip_unless_medium_reduces_matmuls() -> None:
         torch.set_float32_matmul_precision(saved)
     if not reduced:
         pytest.skip("this CPU runs float32 matmuls in full precision under 'medium' (no bf16 instructions)")
+
+
+def skip_if_medium_changed_nothing(highest, medium) -> None:
+    """After the runs: skip where 'medium' left every number as it was (a model without a float32 matmul large
+    enough for oneDNN's bf16 path, e.g. one made only of convolutions), rather than pass an empty comparison."""
+    flat = lambda x: [x] if isinstance(x, torch.Tensor) else [t for item in x for t in flat(item)]
+    if all(torch.equal(a, b) for a, b in zip(flat(highest), flat(medium), strict=True)):
+        pytest.skip("'medium' changed no number of this model on this CPU: nothing to compare")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
 
 import alpha_dual_gan as adg
-from conftest import REPO, skip_unless_medium_reduces_matmuls
+from conftest import REPO, skip_if_medium_changed_nothing, skip_unless_medium_reduces_matmuls
 
 ALPHAS = [0.3, 0.5, 0.9, 1.2, 2.0, 10.0]
 TINY_RING = ["--num-train", "128", "--batch-size", "64", "--layers", "1", "1", "--widths", "8", "4", "--num-seeds", "2",
@@ -348,6 +348,7 @@ def test_medium_precision_training_stays_close_and_metrics_do_not_change():
         metrics_medium = adg.ring_metrics(samples, centers, 0.01)
     finally:
         torch.set_float32_matmul_precision("highest")
+    skip_if_medium_changed_nothing(highest, medium)
     assert_records_close(highest, medium, rtol=2e-2, atol=2e-3)
     for key in metrics_highest:
         assert torch.equal(metrics_highest[key], metrics_medium[key]), key

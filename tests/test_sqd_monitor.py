@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sqd_monitor as sqd
-from conftest import REPO, skip_unless_medium_reduces_matmuls, StopAfter
+from conftest import REPO, skip_if_medium_changed_nothing, skip_unless_medium_reduces_matmuls, StopAfter
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -320,7 +320,8 @@ def test_compiled_models_match_eager(loss, reg, d_norm):
 
 def test_medium_precision_training_stays_close():
     """--matmul-precision medium (bf16-backed float32 matmuls where the CPU has them, 8 significant bits; elsewhere
-    the same as highest): two steps agree with full float32 to 2%."""
+    the same as highest): two steps agree with full float32 to 2%. The models are convolutions only, which stay
+    full float32 on a CPU, so here this skips unless some matmul of the step took the bf16 path."""
     skip_unless_medium_reduces_matmuls()
     highest, _ = loop_steps("nsgan", "gp", "layer", compiled=False)
     try:
@@ -328,6 +329,7 @@ def test_medium_precision_training_stays_close():
         medium, _ = loop_steps("nsgan", "gp", "layer", compiled=False)
     finally:
         torch.set_float32_matmul_precision("highest")
+    skip_if_medium_changed_nothing(highest, medium)
     torch.testing.assert_close(medium, highest, rtol=2e-2, atol=2e-2)
 
 
